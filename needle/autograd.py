@@ -1,0 +1,370 @@
+"""Reverse-mode automatic differentiation: Tensor, TensorTuple, Op and an iterative backward pass.
+
+Values are computed eagerly when an op is applied. A result records its op and inputs only when
+gradients are enabled and some input requires a gradient, so evaluation under `no_grad()` builds no
+graph. Backward walks the graph in reverse topological order found with an explicit stack (graphs
+hundreds of thousands of nodes deep work) and runs under `no_grad()`, so gradients hold no graph.
+"""
+import functools
+
+import numpy as np
+
+from . import backend_ndarray as nd
+from .backend_ndarray.ndarray import _dtype_name
+
+__all__ = ["Value", "Tensor", "TensorTuple", "Op", "TensorOp", "TensorTupleOp", "no_grad",
+           "is_grad_enabled", "compute_gradient_of_variables"]
+
+_GRAD_ENABLED = True
+
+
+def is_grad_enabled():
+    return _GRAD_ENABLED
+
+
+class no_grad:
+    """Context manager and decorator under which ops record no graph.
+
+    `with ndl.no_grad(): ...`, `@ndl.no_grad()` and `@ndl.no_grad` all work.
+    """
+
+    def __new__(cls, func=None):
+        if func is None:
+            return super().__new__(cls)
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return func(*args, **kwargs)
+        return wrapper
+
+    def __call__(self, func):
+        return no_grad(func)
+
+    def __enter__(self):
+        global _GRAD_ENABLED
+        self._previous, _GRAD_ENABLED = _GRAD_ENABLED, False
+        return self
+
+    def __exit__(self, *exc):
+        global _GRAD_ENABLED
+        _GRAD_ENABLED = self._previous
+        return False
+
+
+class Op:
+    """An operation: `compute` maps NDArrays to an NDArray, `gradient` maps the output's gradient to the
+    inputs' gradients (Tensors, one per input, None where an input gets none)."""
+
+    name = None  # the public function name, used in error messages
+
+    def __call__(self, *args):
+        raise NotImplementedError()
+
+    def compute(self, *args):
+        raise NotImplementedError()
+
+    def gradient(self, out_grad, node):
+        raise NotImplementedError()
+
+    def gradient_as_tuple(self, out_grad, node):
+        grads = self.gradient(out_grad, node)
+        return tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+
+    def _name(self):
+        return self.name or type(self).__name__
+
+
+class TensorOp(Op):
+    """An op whose output is one Tensor."""
+
+    def __call__(self, *args):
+        return Tensor.make_from_op(self, args)
+
+
+class TensorTupleOp(Op):
+    """An op whose output is a TensorTuple."""
+
+    def __call__(self, *args):
+        return TensorTuple.make_from_op(self, args)
+
+
+class Value:
+    """A node of the graph: the op that made it, its inputs and its computed data."""
+
+    op = None
+    inputs = ()
+    cached_data = None
+    requires_grad = False
+
+    def realize_cached_data(self):
+        return self.cached_data
+
+    def is_leaf(self):
+        return self.op is None
+
+    def _init(self, op, inputs, cached_data, requires_grad):
+        self.op = op
+        self.inputs = inputs
+        self.cached_data = cached_data
+        self.requires_grad = requires_grad
+
+    @classmethod
+    def make_from_op(cls, op, inputs):
+        for value in inputs:
+            if not isinstance(value, Value):
+                raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
+        _check_same_device(op, inputs)
+        data = op.compute(*[value.realize_cached_data() for value in inputs])
+        value = cls.__new__(cls)
+        if _GRAD_ENABLED and any(v.requires_grad for v in inputs):
+            value._init(op, list(inputs), data, True)
+        else:
+            value._init(None, [], data, False)
+        return value
+
+    @classmethod
+    def make_const(cls, data, requires_grad=False):
+        value = cls.__new__(cls)
+        value._init(None, [], data, requires_grad)
+        return value
+
+
+def _device_of(data):
+    return data[0].device if isinstance(data, tuple) else data.device
+
+
+def _check_same_device(op, inputs):
+    devices = {_device_of(v.cached_data) for v in inputs if not isinstance(v.cached_data, tuple) or v.cached_data}
+    if len(devices) > 1:
+        names = ", ".join(sorted(repr(d) for d in devices))
+        raise ValueError(f"{op._name()}: all inputs must be on one device, got tensors on {names}")
+
+
+class TensorTuple(Value):
+    """A tuple of tensors, the output of a tuple op; `t[i]` records the indexing in the graph."""
+
+    def __len__(self):
+        return len(self.cached_data)
+
+    def __getitem__(self, index):
+        from .ops import tuple_get_item
+        return tuple_get_item(self, index)
+
+    def tuple(self):
+        return tuple(self[i] for i in range(len(self)))
+
+    def __iter__(self):
+        return iter(self.tuple())
+
+    def __repr__(self):
+        return "needle.TensorTuple" + str(self.tuple())
+
+    def __add__(self, other):
+        from .ops import make_tuple
+        return make_tuple(*[a + b for a, b in zip(self, other)])
+
+    def detach(self):
+        return TensorTuple.make_const(self.realize_cached_data())
+
+    @property
+    def device(self):
+        return _device_of(self.cached_data)
+
+
+class Tensor(Value):
+    """An n-d float array that records how it was computed.
+
+    Args:
+        array: a numpy array, an NDArray, a (nested) list, a number or another Tensor.
+        device: a needle device (default: the Tensor's or NDArray's own, else cpu()).
+        dtype: "float32" (default) or "float64".
+        requires_grad: whether backward computes a gradient for this tensor (default True).
+    """
+
+    grad = None
+
+    def __init__(self, array, device=None, dtype=None, requires_grad=True):
+        if isinstance(array, Tensor):
+            device = array.device if device is None else device
+            dtype = array.dtype if dtype is None else _dtype_name(dtype)
+            if device == array.device and dtype == array.dtype:
+                data = array.realize_cached_data()
+            else:
+                data = nd.NDArray(array.realize_cached_data(), device=device, dtype=dtype)
+        else:
+            if isinstance(array, nd.NDArray):
+                device = array.device if device is None else device
+            data = nd.NDArray(array, device=device, dtype=_dtype_name(dtype))
+        self._init(None, [], data, requires_grad)
+
+    @staticmethod
+    def make_const(data, requires_grad=False):
+        if isinstance(data, Tensor):
+            data = data.realize_cached_data()
+        tensor = Tensor.__new__(Tensor)
+        tensor._init(None, [], data, requires_grad)
+        return tensor
+
+    @property
+    def data(self):
+        return self.detach()
+
+    @data.setter
+    def data(self, value):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Tensor.data: expected a Tensor, got {type(value).__name__}")
+        if value.shape != self.shape or value.dtype != self.dtype:
+            raise ValueError(f"Tensor.data: expected shape {self.shape} and dtype {self.dtype}, "
+                             f"got {value.shape} and {value.dtype}")
+        self.cached_data = value.realize_cached_data()
+
+    def detach(self):
+        return Tensor.make_const(self.realize_cached_data())
+
+    @property
+    def shape(self):
+        return self.cached_data.shape
+
+    @property
+    def dtype(self):
+        return self.cached_data.dtype
+
+    @property
+    def device(self):
+        return self.cached_data.device
+
+    @property
+    def ndim(self):
+        return self.cached_data.ndim
+
+    def numpy(self):
+        return self.cached_data.numpy()
+
+    def to(self, device):
+        return self if device == self.device else Tensor(self, device=device, requires_grad=self.requires_grad)
+
+    def backward(self, out_grad=None):
+        if out_grad is None:
+            out_grad = Tensor.make_const(self.device.full(self.shape, 1.0, self.dtype))
+        elif not isinstance(out_grad, Tensor):
+            out_grad = Tensor(out_grad, device=self.device, dtype=self.dtype, requires_grad=False)
+        if out_grad.shape != self.shape:
+            raise ValueError(f"backward: out_grad must have the output's shape {self.shape}, got {out_grad.shape}")
+        compute_gradient_of_variables(self, out_grad)
+
+    def __repr__(self):
+        return "needle.Tensor(" + str(self.realize_cached_data()) + ")"
+
+    def __str__(self):
+        return str(self.realize_cached_data())
+
+    def __len__(self):
+        return len(self.cached_data)
+
+    # Operators dispatch to needle.ops (imported at the bottom of this module).
+    def __add__(self, other):
+        return ops.add(self, other) if isinstance(other, Tensor) else ops.add_scalar(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return ops.add(self, ops.negate(other)) if isinstance(other, Tensor) else ops.add_scalar(self, -other)
+
+    def __rsub__(self, other):
+        return ops.add_scalar(ops.negate(self), other)
+
+    def __mul__(self, other):
+        return ops.multiply(self, other) if isinstance(other, Tensor) else ops.mul_scalar(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return ops.divide(self, other) if isinstance(other, Tensor) else ops.divide_scalar(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.mul_scalar(ops.power_scalar(self, -1), other)
+
+    def __pow__(self, other):
+        return ops.power(self, other) if isinstance(other, Tensor) else ops.power_scalar(self, other)
+
+    def __matmul__(self, other):
+        return ops.matmul(self, other)
+
+    def __neg__(self):
+        return ops.negate(self)
+
+    def sum(self, axes=None):
+        return ops.summation(self, axes)
+
+    def broadcast_to(self, shape):
+        return ops.broadcast_to(self, shape)
+
+    def reshape(self, shape):
+        return ops.reshape(self, shape)
+
+    def transpose(self, axes=None):
+        return ops.transpose(self, axes)
+
+    __hash__ = object.__hash__
+
+
+def _topo_order(output):
+    """Nodes that `output` depends on, inputs before the nodes that use them (iterative DFS)."""
+    order, visited = [], {id(output)}
+    stack = [(output, iter(output.inputs))]
+    while stack:
+        node, children = stack[-1]
+        for child in children:
+            if id(child) not in visited and child.requires_grad:
+                visited.add(id(child))
+                stack.append((child, iter(child.inputs)))
+                break
+        else:
+            stack.pop()
+            order.append(node)
+    return order
+
+
+def compute_gradient_of_variables(output, out_grad):
+    """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it."""
+    with no_grad():
+        grads = {id(output): out_grad}
+        for node in reversed(_topo_order(output)):
+            grad = grads.pop(id(node), None)
+            if grad is None:
+                continue
+            if node.op is None:
+                if node.requires_grad and isinstance(node, Tensor):
+                    node.grad = grad.detach() if node.grad is None else (node.grad + grad).detach()
+                continue
+            if isinstance(grad, list):  # a TensorTuple's gradient, slots filled by tuple_get_item
+                grad = _tuple_grad(node, grad)
+            if isinstance(node.op, ops.TupleGetItem):  # one slot of its input tuple: no zeros made here
+                _add_tuple_slot(grads, node.inputs[0], node.op.index, grad)
+                continue
+            for value, value_grad in zip(node.inputs, node.op.gradient_as_tuple(grad, node)):
+                if value_grad is None or not value.requires_grad:
+                    continue
+                key = id(value)
+                if isinstance(value, TensorTuple):
+                    for i, g in enumerate(value_grad):
+                        _add_tuple_slot(grads, value, i, g)
+                else:
+                    grads[key] = value_grad if key not in grads else grads[key] + value_grad
+
+
+def _add_tuple_slot(grads, tuple_value, index, grad):
+    slots = grads.setdefault(id(tuple_value), [None] * len(tuple_value.cached_data))
+    slots[index] = grad if slots[index] is None else slots[index] + grad
+
+
+def _tuple_grad(node, slots):
+    """The gradient of a TensorTuple, with zeros in the slots nothing reached."""
+    parts = []
+    for data, grad in zip(node.cached_data, slots):
+        parts.append(Tensor.make_const(data.device.full(data.shape, 0.0, data.dtype)) if grad is None else grad)
+    return ops.make_tuple(*parts)
+
+
+from . import ops  # noqa: E402  (Tensor's operators are ops; imported last to break the import cycle)

@@ -1,0 +1,40 @@
+"""The cpu backend: flat numpy buffers and the few functions a device must provide.
+
+A backend owns flat 1-D buffers; `NDArray` owns shape, strides and offset and asks the backend for a
+strided view over a buffer, then computes with the backend's array module `xp`. A CuPy backend is this
+module with `xp = cupy` and its own `view`, `from_numpy` and `to_numpy`.
+
+Optional fused entry points (`rnn_forward`, `lstm_forward`, ...) are looked up on the backend with a
+fallback, so a backend without them still runs every op.
+"""
+import numpy
+
+__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy"]
+
+xp = numpy
+
+
+def enabled():
+    return True
+
+
+def empty(size, dtype):
+    """A new flat buffer of `size` elements."""
+    return xp.empty(size, dtype=dtype)
+
+
+def view(buffer, shape, strides, offset):
+    """The strided view (shape, strides and offset in elements) over a flat buffer; shares its memory."""
+    itemsize = buffer.itemsize
+    return xp.ndarray(shape, buffer.dtype, buffer=buffer, offset=offset * itemsize,
+                      strides=tuple(s * itemsize for s in strides))
+
+
+def from_numpy(array):
+    """A flat buffer holding a copy of a numpy array, in C order."""
+    return xp.array(array, order="C").reshape(-1)
+
+
+def to_numpy(array):
+    """A numpy copy of a backend array (here: already numpy)."""
+    return numpy.array(array)

@@ -1,0 +1,571 @@
+"""Elementwise, linear-algebra and shape operations: compute (NDArrays) directly above gradient (Tensors).
+
+Gradients run under no_grad, so a gradient may compute its factors on NDArrays and wrap them as
+constants; backward reuses what forward produced (`node.realize_cached_data()`).
+"""
+import numbers
+import operator
+
+from ..autograd import Tensor, TensorOp, TensorTuple, TensorTupleOp
+from ..backend_ndarray.ndarray import NDArray, _norm_axes, _resolve_shape, check_broadcast_to
+
+__all__ = [
+    "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "EWisePow", "PowerScalar",
+    "Negate", "Log", "Exp", "ReLU", "Tanh", "Sigmoid", "MatMul", "Summation", "BroadcastTo", "Reshape",
+    "Transpose", "Stack", "Split", "Flip", "Dilate", "UnDilate", "MakeTensorTuple", "TupleGetItem",
+    "add", "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "power", "power_scalar",
+    "negate", "log", "exp", "relu", "tanh", "sigmoid", "matmul", "summation", "broadcast_to", "reshape",
+    "transpose", "stack", "split", "flip", "dilate", "undilate", "make_tuple", "tuple_get_item",
+]
+
+
+def _const(data):
+    return Tensor.make_const(data)
+
+
+def _sum_to_shape(grad, shape):
+    """A broadcast operand's gradient is summed back to the operand's shape."""
+    if grad.shape == shape:
+        return grad
+    lead = len(grad.shape) - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and grad.shape[lead + i] != 1)
+    return reshape(summation(grad, axes), shape)
+
+
+def _check_tensor(name, value):
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a needle Tensor, got {type(value).__name__}")
+
+
+def _check_binary(name, a, b):
+    """TypeError unless both are Tensors; ValueError unless their shapes broadcast as in numpy."""
+    _check_tensor(name, a)
+    _check_tensor(name, b)
+    for x, y in zip(reversed(a.shape), reversed(b.shape)):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot broadcast")
+
+
+def _check_scalar(name, scalar):
+    if not isinstance(scalar, numbers.Real) or isinstance(scalar, bool):
+        raise TypeError(f"{name}: expected a real number, got {type(scalar).__name__} {scalar!r:.40}")
+
+
+# ---- elementwise ---------------------------------------------------------------------------------------
+
+class EWiseAdd(TensorOp):
+    name = "add"
+
+    def compute(self, a, b):
+        return a + b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        return _sum_to_shape(out_grad, a.shape), _sum_to_shape(out_grad, b.shape)
+
+
+def add(a, b):
+    _check_binary("add", a, b)
+    return EWiseAdd()(a, b)
+
+
+class AddScalar(TensorOp):
+    name = "add_scalar"
+
+    def __init__(self, scalar):
+        self.scalar = scalar
+
+    def compute(self, a):
+        return a + self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad
+
+
+def add_scalar(a, scalar):
+    _check_scalar("add_scalar", scalar)
+    return AddScalar(scalar)(a)
+
+
+class EWiseMul(TensorOp):
+    name = "multiply"
+
+    def compute(self, a, b):
+        return a * b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        return _sum_to_shape(out_grad * b, a.shape), _sum_to_shape(out_grad * a, b.shape)
+
+
+def multiply(a, b):
+    _check_binary("multiply", a, b)
+    return EWiseMul()(a, b)
+
+
+class MulScalar(TensorOp):
+    name = "mul_scalar"
+
+    def __init__(self, scalar):
+        self.scalar = scalar
+
+    def compute(self, a):
+        return a * self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad * self.scalar
+
+
+def mul_scalar(a, scalar):
+    _check_scalar("mul_scalar", scalar)
+    return MulScalar(scalar)(a)
+
+
+class EWiseDiv(TensorOp):
+    name = "divide"
+
+    def compute(self, a, b):
+        return a / b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        grad_a = out_grad / b
+        return _sum_to_shape(grad_a, a.shape), _sum_to_shape(-grad_a * node, b.shape)
+
+
+def divide(a, b):
+    _check_binary("divide", a, b)
+    return EWiseDiv()(a, b)
+
+
+class DivScalar(TensorOp):
+    name = "divide_scalar"
+
+    def __init__(self, scalar):
+        self.scalar = scalar
+
+    def compute(self, a):
+        return a / self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad / self.scalar
+
+
+def divide_scalar(a, scalar):
+    _check_scalar("divide_scalar", scalar)
+    return DivScalar(scalar)(a)
+
+
+class EWisePow(TensorOp):
+    """a ** b elementwise; the gradient of b uses log(a), so it needs a > 0 where it matters."""
+    name = "power"
+
+    def compute(self, a, b):
+        return a ** b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        a_data, b_data = a.realize_cached_data(), b.realize_cached_data()
+        grad_a = _const(b_data * a_data ** (b_data - 1.0))
+        grad_b = _const(node.realize_cached_data() * a_data.log())
+        return _sum_to_shape(out_grad * grad_a, a.shape), _sum_to_shape(out_grad * grad_b, b.shape)
+
+
+def power(a, b):
+    _check_binary("power", a, b)
+    return EWisePow()(a, b)
+
+
+class PowerScalar(TensorOp):
+    name = "power_scalar"
+
+    def __init__(self, scalar):
+        self.scalar = scalar
+
+    def compute(self, a):
+        return a ** self.scalar
+
+    def gradient(self, out_grad, node):
+        a = node.inputs[0].realize_cached_data()
+        return out_grad * _const(a ** (self.scalar - 1) * self.scalar)
+
+
+def power_scalar(a, scalar):
+    _check_scalar("power_scalar", scalar)
+    return PowerScalar(scalar)(a)
+
+
+class Negate(TensorOp):
+    name = "negate"
+
+    def compute(self, a):
+        return -a
+
+    def gradient(self, out_grad, node):
+        return -out_grad
+
+
+def negate(a):
+    return Negate()(a)
+
+
+class Log(TensorOp):
+    name = "log"
+
+    def compute(self, a):
+        return a.log()
+
+    def gradient(self, out_grad, node):
+        return out_grad / node.inputs[0]
+
+
+def log(a):
+    return Log()(a)
+
+
+class Exp(TensorOp):
+    name = "exp"
+
+    def compute(self, a):
+        return a.exp()
+
+    def gradient(self, out_grad, node):
+        return out_grad * _const(node.realize_cached_data())
+
+
+def exp(a):
+    return Exp()(a)
+
+
+class ReLU(TensorOp):
+    name = "relu"
+
+    def compute(self, a):
+        return a.maximum(0.0)
+
+    def gradient(self, out_grad, node):
+        return out_grad * _const(node.realize_cached_data() > 0.0)
+
+
+def relu(a):
+    return ReLU()(a)
+
+
+class Tanh(TensorOp):
+    """A primitive rather than built from sigmoid: one pass, and backward reuses the output."""
+    name = "tanh"
+
+    def compute(self, a):
+        return a.tanh()
+
+    def gradient(self, out_grad, node):
+        out = node.realize_cached_data()
+        return out_grad * _const(1.0 - out * out)
+
+
+def tanh(a):
+    return Tanh()(a)
+
+
+class Sigmoid(TensorOp):
+    """A primitive for stability: 1 / (1 + exp(-x)) built from ops overflows for large negative x."""
+    name = "sigmoid"
+
+    def compute(self, a):
+        return a.sigmoid()
+
+    def gradient(self, out_grad, node):
+        out = node.realize_cached_data()
+        return out_grad * _const(out * (1.0 - out))
+
+
+def sigmoid(a):
+    return Sigmoid()(a)
+
+
+# ---- linear algebra --------------------------------------------------------------------------------------
+
+class MatMul(TensorOp):
+    """a @ b for 2-D operands, batched over leading axes that broadcast."""
+    name = "matmul"
+
+    def compute(self, a, b):
+        return a @ b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        return (_sum_to_shape(matmul(out_grad, transpose(b)), a.shape),
+                _sum_to_shape(matmul(transpose(a), out_grad), b.shape))
+
+
+def matmul(a, b):
+    _check_tensor("matmul", a)
+    _check_tensor("matmul", b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: operands must be at least 2-D, got {a.shape} @ {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
+    for x, y in zip(reversed(a.shape[:-2]), reversed(b.shape[:-2])):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"matmul: batch dimensions cannot broadcast: {a.shape} @ {b.shape}")
+    return MatMul()(a, b)
+
+
+# ---- reductions and shapes ------------------------------------------------------------------------------
+
+class Summation(TensorOp):
+    """Sum over `axes` (a tuple of non-negative ints), which are dropped."""
+    name = "summation"
+
+    def __init__(self, axes):
+        self.axes = axes
+
+    def compute(self, a):
+        return a.sum(axis=self.axes)
+
+    def gradient(self, out_grad, node):
+        shape = node.inputs[0].shape
+        kept = tuple(1 if i in self.axes else d for i, d in enumerate(shape))
+        return broadcast_to(reshape(out_grad, kept), shape)
+
+
+def summation(a, axes=None):
+    _check_tensor("summation", a)
+    return Summation(_norm_axes("summation", axes, a.ndim))(a)
+
+
+class BroadcastTo(TensorOp):
+    name = "broadcast_to"
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def compute(self, a):
+        return a.broadcast_to(self.shape)
+
+    def gradient(self, out_grad, node):
+        return _sum_to_shape(out_grad, node.inputs[0].shape)
+
+
+def broadcast_to(a, shape):
+    _check_tensor("broadcast_to", a)
+    shape = tuple(operator.index(d) for d in shape)
+    check_broadcast_to("broadcast_to", a.shape, shape)
+    return BroadcastTo(shape)(a)
+
+
+class Reshape(TensorOp):
+    name = "reshape"
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def compute(self, a):
+        return a.compact().reshape(self.shape)
+
+    def gradient(self, out_grad, node):
+        return reshape(out_grad, node.inputs[0].shape)
+
+
+def reshape(a, shape):
+    _check_tensor("reshape", a)
+    return Reshape(_resolve_shape("reshape", a.shape, shape))(a)
+
+
+class Transpose(TensorOp):
+    """Swap two axes (the last two by default); a view."""
+    name = "transpose"
+
+    def __init__(self, axes):
+        self.axes = axes
+
+    def compute(self, a):
+        order = list(range(a.ndim))
+        i, j = self.axes
+        order[i], order[j] = order[j], order[i]
+        return a.permute(order)
+
+    def gradient(self, out_grad, node):
+        return Transpose(self.axes)(out_grad)
+
+
+def transpose(a, axes=None):
+    _check_tensor("transpose", a)
+    if axes is None:
+        if a.ndim < 2:
+            raise ValueError(f"transpose: input must be at least 2-D to swap its last two axes, got {a.shape}")
+        axes = (a.ndim - 2, a.ndim - 1)
+    elif len(tuple(axes)) != 2:
+        raise ValueError(f"transpose: axes must be a pair (i, j), got {axes!r}")
+    i, j = (_norm_axes("transpose", (ax,), a.ndim)[0] for ax in axes)
+    return Transpose((i, j))(a)
+
+
+class Stack(TensorOp):
+    """Join equal-shaped tensors along a new axis."""
+    name = "stack"
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def compute(self, *arrays):
+        device = arrays[0].device
+        return NDArray.from_xp(device.xp.stack([a.x for a in arrays], axis=self.axis), device)
+
+    def gradient(self, out_grad, node):
+        return tuple(Tensor.make_const(g) for g in split(out_grad, self.axis).cached_data)
+
+
+def stack(tensors, axis):
+    """Join a sequence of equal-shaped tensors along a new axis `axis`."""
+    if isinstance(tensors, TensorTuple):
+        tensors = tensors.tuple()
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: expected at least one tensor, got none")
+    for t in tensors:
+        _check_tensor("stack", t)
+    shape = tensors[0].shape
+    for k, t in enumerate(tensors):
+        if t.shape != shape:
+            raise ValueError(f"stack: all tensors must have one shape; tensor 0 has {shape}, tensor {k} has {t.shape}")
+    axis = operator.index(axis)
+    if not -(len(shape) + 1) <= axis <= len(shape):
+        raise ValueError(f"stack: axis {axis} is out of range for stacking {len(shape)}-D tensors")
+    return Stack(axis % (len(shape) + 1))(*tensors)
+
+
+class Split(TensorTupleOp):
+    """Stack's inverse: the slices along `axis`, each without that axis (views)."""
+    name = "split"
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def compute(self, a):
+        shape = a.shape[:self.axis] + a.shape[self.axis + 1:]
+        strides = a.strides[:self.axis] + a.strides[self.axis + 1:]
+        step = a.strides[self.axis]
+        return tuple(NDArray.make(shape, strides, a.device, a._handle, a.offset + i * step)
+                     for i in range(a.shape[self.axis]))
+
+    def gradient(self, out_grad, node):
+        return stack([Tensor.make_const(g) for g in out_grad.cached_data], self.axis)
+
+
+def split(a, axis):
+    _check_tensor("split", a)
+    return Split(_norm_axes("split", axis, a.ndim)[0])(a)
+
+
+class Flip(TensorOp):
+    name = "flip"
+
+    def __init__(self, axes):
+        self.axes = axes
+
+    def compute(self, a):
+        return a.flip(self.axes)
+
+    def gradient(self, out_grad, node):
+        return Flip(self.axes)(out_grad)
+
+
+def flip(a, axes):
+    _check_tensor("flip", a)
+    return Flip(_norm_axes("flip", axes, a.ndim))(a)
+
+
+def _dilated_slices(shape, axes, dilation):
+    return tuple(slice(None, None, dilation + 1) if i in axes else slice(None) for i in range(len(shape)))
+
+
+class Dilate(TensorOp):
+    """Put `dilation` zeros after every element along each axis in `axes`."""
+    name = "dilate"
+
+    def __init__(self, axes, dilation):
+        self.axes, self.dilation = axes, dilation
+
+    def compute(self, a):
+        shape = tuple(d * (self.dilation + 1) if i in self.axes else d for i, d in enumerate(a.shape))
+        out = NDArray.make(shape, device=a.device, dtype=a.dtype)
+        out.fill(0.0)
+        out[_dilated_slices(shape, self.axes, self.dilation)] = a
+        return out
+
+    def gradient(self, out_grad, node):
+        return UnDilate(self.axes, self.dilation)(out_grad)
+
+
+class UnDilate(TensorOp):
+    """Take out what dilate with the same arguments put in (a strided view)."""
+    name = "undilate"
+
+    def __init__(self, axes, dilation):
+        self.axes, self.dilation = axes, dilation
+
+    def compute(self, a):
+        return a[_dilated_slices(a.shape, self.axes, self.dilation)]
+
+    def gradient(self, out_grad, node):
+        return Dilate(self.axes, self.dilation)(out_grad)
+
+
+def _check_dilation(name, a, axes, dilation):
+    _check_tensor(name, a)
+    if not isinstance(dilation, numbers.Integral) or dilation < 0:
+        raise ValueError(f"{name}: dilation must be a non-negative int, got {dilation!r}")
+    return _norm_axes(name, axes, a.ndim)
+
+
+def dilate(a, axes, dilation):
+    return Dilate(_check_dilation("dilate", a, axes, dilation), dilation)(a)
+
+
+def undilate(a, axes, dilation):
+    axes = _check_dilation("undilate", a, axes, dilation)
+    for i in axes:
+        if a.shape[i] % (dilation + 1):
+            raise ValueError(f"undilate: axis {i} of shape {a.shape} is not a multiple of {dilation + 1}")
+    return UnDilate(axes, dilation)(a)
+
+
+# ---- tuples ------------------------------------------------------------------------------------------------
+
+class MakeTensorTuple(TensorTupleOp):
+    name = "make_tuple"
+
+    def compute(self, *args):
+        return tuple(args)
+
+    def gradient(self, out_grad, node):
+        return tuple(Tensor.make_const(g) for g in out_grad.cached_data)
+
+
+def make_tuple(*args):
+    return MakeTensorTuple()(*args)
+
+
+class TupleGetItem(TensorOp):
+    """One element of a TensorTuple (backward fills just that slot of the tuple's gradient)."""
+    name = "tuple_get_item"
+
+    def __init__(self, index):
+        self.index = index
+
+    def compute(self, a):
+        return a[self.index]
+
+    def gradient(self, out_grad, node):
+        parts = [Tensor.make_const(d.device.full(d.shape, 0.0, d.dtype)) for d in node.inputs[0].cached_data]
+        parts[self.index] = out_grad
+        return make_tuple(*parts)
+
+
+def tuple_get_item(value, index):
+    size = len(value.cached_data)
+    index = operator.index(index)
+    if not -size <= index < size:
+        raise IndexError(f"tuple_get_item: index {index} out of range for a tuple of {size}")
+    return TupleGetItem(index % size)(value)

@@ -9,7 +9,11 @@ fallback, so a backend without them still runs every op.
 """
 import numpy
 
-__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy"]
+from .recurrent_numpy import (gru_backward, gru_forward, lstm_backward, lstm_forward, rnn_backward,
+                              rnn_forward)
+
+__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "rnn_forward", "rnn_backward",
+           "lstm_forward", "lstm_backward", "gru_forward", "gru_backward"]
 
 xp = numpy
 

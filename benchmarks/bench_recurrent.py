@@ -1,0 +1,132 @@
+"""One training step of needle's RNN, LSTM and GRU against torch.nn on the CPU.
+
+A step is forward over the whole sequence, then backward of output.sum() (X requires a gradient on both
+sides, as the embedding output does in a language model). needle and torch run in one process,
+interleaved step by step, torch limited to 2 threads; each figure is the median of several steps after
+warm-up. Printed per kind and workload: needle ms, torch ms, needle/torch, and needle's GEMM GFLOP/s as
+a share of numpy's float32 GEMM peak measured at the start of the run.
+
+    python benchmarks/bench_recurrent.py
+    python benchmarks/bench_recurrent.py --kinds lstm --workloads medium large --reference
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+import needle as ndl
+
+WORKLOADS = {  # seq_len, batch, input, hidden, layers
+    "tiny": (13, 15, 11, 12, 2),
+    "small": (35, 20, 200, 200, 2),
+    "medium": (35, 20, 650, 650, 2),
+    "large": (100, 64, 1024, 1024, 1),
+}
+STEPS = {"tiny": 200, "small": 30, "medium": 10, "large": 5}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+NEEDLE = {"rnn": ndl.nn.RNN, "lstm": ndl.nn.LSTM, "gru": ndl.nn.GRU}
+TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+
+
+def gemm_peak_gflops(n=2048, repeats=5):
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_flops(kind, seq_len, batch, input_size, hidden, layers):
+    """GEMM flops of a training step: forward's projections, then twice that in backward."""
+    width = GATES[kind] * hidden
+    forward = sum(2 * seq_len * batch * ((input_size if l == 0 else hidden) + hidden) * width for l in range(layers))
+    return 3 * forward
+
+
+def needle_step(kind, workload, fused):
+    seq_len, batch, input_size, hidden, layers = workload
+    model = NEEDLE[kind](input_size, hidden, num_layers=layers, fused=fused)
+    X = ndl.Tensor(np.random.randn(seq_len, batch, input_size).astype(np.float32), requires_grad=True)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        X.grad = None
+        out, _ = model(X)
+        out.sum().backward()
+    return step
+
+
+def torch_step(kind, workload):
+    seq_len, batch, input_size, hidden, layers = workload
+    model = TORCH[kind](input_size, hidden, num_layers=layers)
+    X = torch.randn(seq_len, batch, input_size, requires_grad=True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        X.grad = None
+        out, _ = model(X)
+        out.sum().backward()
+    return step
+
+
+def interleaved_medians(steps, n):
+    for step in steps:
+        step()
+        step()
+    times = [[] for _ in steps]
+    for _ in range(n):
+        for k, step in enumerate(steps):
+            times[k].append(_timed(step))
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=list(GATES), choices=list(GATES))
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--reference", action="store_true", help="also time needle's per-step reference path")
+    parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timed steps")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    peak = gemm_peak_gflops()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), needle commit {commit}")
+    print(f"# numpy float32 GEMM peak (2048^3): {peak:.0f} GFLOP/s")
+    header = f"{'kind':5} {'workload':8} {'needle ms':>10} {'torch ms':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}"
+    if args.reference:
+        header += f" {'reference ms':>13}"
+    print(header)
+    for kind in args.kinds:
+        for name in args.workloads:
+            workload = WORKLOADS[name]
+            steps = [needle_step(kind, workload, True), torch_step(kind, workload)]
+            if args.reference:
+                steps.append(needle_step(kind, workload, False))
+            times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
+            gflops = step_flops(kind, *workload) / (times[0] / 1e3) / 1e9
+            line = (f"{kind:5} {name:8} {times[0]:10.2f} {times[1]:10.2f} {times[0] / times[1]:6.2f} "
+                    f"{gflops:8.1f} {100 * gflops / peak:6.0f}%")
+            if args.reference:
+                line += f" {times[2]:13.2f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ __all__ = ["BackendDevice", "NDArray", "array", "empty", "full", "cpu", "cpu_num
            "default_device", "all_devices"]
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+_DTYPE_NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}  # numpy's dtype.name is slow
 
 
 def _dtype_name(dtype):
@@ -61,14 +62,14 @@ class BackendDevice:
         return getattr(self.mod, name, None)
 
     def randn(self, *shape, dtype="float32"):
-        return NDArray(np.random.randn(*shape).astype(_DTYPES[_dtype_name(dtype)]), device=self)
+        return NDArray(np.asarray(np.random.randn(*shape)), device=self, dtype=dtype)
 
     def rand(self, *shape, dtype="float32"):
-        return NDArray(np.random.rand(*shape).astype(_DTYPES[_dtype_name(dtype)]), device=self)
+        return NDArray(np.asarray(np.random.rand(*shape)), device=self, dtype=dtype)
 
     def one_hot(self, n, i, dtype="float32"):
         idx = np.asarray(i, dtype=np.int64)
-        return NDArray(np.eye(n, dtype=_DTYPES[_dtype_name(dtype)])[idx], device=self)
+        return NDArray(np.eye(n)[idx], device=self, dtype=dtype)
 
     def empty(self, shape, dtype="float32"):
         return NDArray.make(_as_shape(shape), device=self, dtype=dtype)
@@ -156,6 +157,7 @@ class NDArray:
     """A float n-d array: `shape`, `strides` (in elements) and `offset` over a device's flat buffer."""
 
     __slots__ = ("_shape", "_strides", "_offset", "_device", "_handle", "_view")
+    __array_ufunc__ = None  # `np.float64(2) - a` defers to our reflected operators instead of iterating `a`
 
     def __init__(self, other, device=None, dtype=None):
         """A copy of `other` (an NDArray, a numpy array, a list or a scalar) on `device`."""
@@ -189,6 +191,8 @@ class NDArray:
     @staticmethod
     def from_xp(arr, device):
         """Wrap a backend array (numpy on cpu) as an NDArray, sharing memory when it is C-contiguous."""
+        # ufuncs on 0-d arrays return scalars, which `fill` and setitem could not write through
+        arr = device.xp.asarray(arr)
         if not arr.flags.c_contiguous:
             arr = device.xp.ascontiguousarray(arr)
         out = NDArray.make(arr.shape, device=device, handle=arr.reshape(-1))
@@ -214,7 +218,8 @@ class NDArray:
 
     @property
     def dtype(self):
-        return self._handle.dtype.name
+        dtype = self._handle.dtype
+        return _DTYPE_NAMES.get(dtype) or dtype.name
 
     @property
     def ndim(self):
@@ -323,7 +328,9 @@ class NDArray:
         start, stop, step = sl.indices(dim)
         if step <= 0:
             raise ValueError(f"NDArray indexing: steps must be positive, got {sl.step}")
-        return slice(start, max(stop, start), step)
+        if stop <= start:  # empty: start at 0, as start == dim could put the offset past the buffer's end
+            return slice(0, 0, step)
+        return slice(start, stop, step)
 
     def __getitem__(self, idxs):
         if not isinstance(idxs, tuple):
@@ -351,6 +358,8 @@ class NDArray:
 
     # ---- arithmetic: broadcasting as numpy does
     def _ewise(self, other, fn):
+        if isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
+            other = other.item()
         xp_other = other.x if isinstance(other, NDArray) else other
         return NDArray.from_xp(fn(self.x, xp_other), self.device)
 

@@ -14,7 +14,10 @@ def _tensor(array, requires_grad):
 def rand(*shape, low=0.0, high=1.0, device=None, dtype="float32", requires_grad=False):
     """Uniform draws from [low, high)."""
     device = _check_device(device)
-    return _tensor(device.rand(*shape, dtype=dtype) * (high - low) + low, requires_grad)
+    x = device.rand(*shape, dtype=dtype) * (high - low) + low
+    # rounding to float32 can land on `high`: min(x, top) keeps every draw in [low, high)
+    top = float(np.nextafter(np.array(high, dtype=dtype), low))
+    return _tensor(-(-x).maximum(-top), requires_grad)
 
 
 def randn(*shape, mean=0.0, std=1.0, device=None, dtype="float32", requires_grad=False):
@@ -51,11 +54,11 @@ def one_hot(n, i, device=None, dtype="float32", requires_grad=False):
     return _tensor(device.one_hot(n, idx.astype(np.int64), dtype=dtype), requires_grad)
 
 
-def zeros_like(array, *, device=None, requires_grad=False):
+def zeros_like(array, *, device=None, dtype=None, requires_grad=False):
     device = device if device else array.device
-    return zeros(*array.shape, dtype=array.dtype, device=device, requires_grad=requires_grad)
+    return zeros(*array.shape, dtype=dtype or array.dtype, device=device, requires_grad=requires_grad)
 
 
-def ones_like(array, *, device=None, requires_grad=False):
+def ones_like(array, *, device=None, dtype=None, requires_grad=False):
     device = device if device else array.device
-    return ones(*array.shape, dtype=array.dtype, device=device, requires_grad=requires_grad)
+    return ones(*array.shape, dtype=dtype or array.dtype, device=device, requires_grad=requires_grad)

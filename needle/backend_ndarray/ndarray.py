@@ -305,7 +305,7 @@ class NDArray:
 
     def flip(self, axes):
         """A view reversed along `axes` (negative strides)."""
-        axes = _norm_axes("flip", axes, self.ndim)
+        axes = _norm_axes("flip", axes, self._shape)
         strides, offset = list(self._strides), self._offset
         for a in axes:
             offset += (self._shape[a] - 1) * strides[a] if self._shape[a] else 0
@@ -469,8 +469,10 @@ def check_broadcast_to(who, shape, new_shape):
         raise ValueError(f"{who}: cannot broadcast shape {tuple(shape)} to {tuple(new_shape)}")
 
 
-def _norm_axes(who, axes, ndim):
-    """axes (an int, a sequence or None = all) as a tuple of non-negative ints; ValueError if out of range."""
+def _norm_axes(who, axes, shape):
+    """axes (an int, a sequence or None = all) of an array of `shape` as a tuple of non-negative ints;
+    ValueError if one is out of range."""
+    ndim = len(shape)
     if axes is None:
         return tuple(range(ndim))
     if isinstance(axes, numbers.Integral):
@@ -479,7 +481,8 @@ def _norm_axes(who, axes, ndim):
     for a in axes:
         a = operator.index(a)
         if not -ndim <= a < ndim:
-            raise ValueError(f"{who}: axis {a} is out of range for {ndim}-D input")
+            raise ValueError(f"{who}: axis {a} is out of range for shape {tuple(shape)} "
+                             f"(expected {-ndim} <= axis < {ndim})")
         out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{who}: repeated axis in {tuple(axes)}")

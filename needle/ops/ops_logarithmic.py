@@ -16,6 +16,14 @@ def _logsumexp_keepdims(x, axes, xp):
     return xp.log(xp.exp(x - m).sum(axis=axes, keepdims=True)) + m
 
 
+def _log_softmax(x, axis, xp):
+    """(x - max) - log(sum(exp(x - max))): exact at the max however large x is, where x - logsumexp(x)
+    would lose the digits of log(sum) to the rounding of max + log(sum)."""
+    m = x.max(axis=axis, keepdims=True)
+    shifted = x - xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
 class LogSumExp(TensorOp):
     name = "logsumexp"
 
@@ -30,12 +38,13 @@ class LogSumExp(TensorOp):
         a = node.inputs[0].realize_cached_data()
         kept = tuple(1 if i in self.axes else d for i, d in enumerate(a.shape))
         softmax = (a - node.realize_cached_data().reshape(kept)).exp()
-        return Tensor.make_const(out_grad.realize_cached_data().reshape(kept) * softmax)
+        # out_grad may be a strided view (e.g. summation's broadcast gradient), which reshape refuses
+        return Tensor.make_const(out_grad.realize_cached_data().compact().reshape(kept) * softmax)
 
 
 def logsumexp(a, axes=None):
     _check_tensor("logsumexp", a)
-    return LogSumExp(_norm_axes("logsumexp", axes, a.ndim))(a)
+    return LogSumExp(_norm_axes("logsumexp", axes, a.shape))(a)
 
 
 class LogSoftmax(TensorOp):
@@ -43,7 +52,7 @@ class LogSoftmax(TensorOp):
     name = "logsoftmax"
 
     def compute(self, a):
-        return NDArray.from_xp(a.x - _logsumexp_keepdims(a.x, -1, a.device.xp), a.device)
+        return NDArray.from_xp(_log_softmax(a.x, -1, a.device.xp), a.device)
 
     def gradient(self, out_grad, node):
         softmax = node.realize_cached_data().exp()
@@ -64,20 +73,26 @@ class SoftmaxCrossEntropy(TensorOp):
     name = "softmax_cross_entropy"
 
     def compute(self, logits, labels):
+        # As _log_softmax, in fewer passes over the (N, C) array: log softmax at the label is
+        # shifted[label] - log(sum(exp(shifted))), and exp(shifted) is kept for the gradient.
         xp = logits.device.xp
         x = logits.x
-        log_probs = x - _logsumexp_keepdims(x, 1, xp)
-        rows = xp.arange(x.shape[0])
+        self._rows = xp.arange(x.shape[0])
         self._labels = labels.x.astype(np.int64)
-        self._log_probs = log_probs
-        return NDArray.from_xp(-log_probs[rows, self._labels].mean(dtype=x.dtype).reshape(()), logits.device)
+        m = x.max(axis=1, keepdims=True)
+        shifted = x - xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
+        picked = shifted[self._rows, self._labels]
+        self._exp = xp.exp(shifted, out=shifted)  # in place: shifted is not needed any more
+        self._sums = self._exp.sum(axis=1, keepdims=True)
+        loss = (xp.log(self._sums[:, 0]) - picked).mean(dtype=x.dtype)
+        return NDArray.from_xp(loss.reshape(()), logits.device)
 
     def gradient(self, out_grad, node):
+        # (softmax - one_hot(labels)) * out_grad / N, with softmax = exp / sums: one pass over (N, C)
         logits = node.inputs[0].realize_cached_data()
-        xp = logits.device.xp
-        grad = xp.exp(self._log_probs)
-        grad[xp.arange(grad.shape[0]), self._labels] -= 1.0
-        grad *= out_grad.realize_cached_data().x / grad.shape[0]
+        scale = out_grad.realize_cached_data().x / self._exp.shape[0]
+        grad = self._exp * (scale / self._sums)
+        grad[self._rows, self._labels] -= scale
         return Tensor.make_const(NDArray.from_xp(grad, logits.device)), None
 
 

@@ -331,7 +331,7 @@ class Summation(TensorOp):
 
 def summation(a, axes=None):
     _check_tensor("summation", a)
-    return Summation(_norm_axes("summation", axes, a.ndim))(a)
+    return Summation(_norm_axes("summation", axes, a.shape))(a)
 
 
 class BroadcastTo(TensorOp):
@@ -397,7 +397,7 @@ def transpose(a, axes=None):
         axes = (a.ndim - 2, a.ndim - 1)
     elif len(tuple(axes)) != 2:
         raise ValueError(f"transpose: axes must be a pair (i, j), got {axes!r}")
-    i, j = (_norm_axes("transpose", (ax,), a.ndim)[0] for ax in axes)
+    i, j = (_norm_axes("transpose", (ax,), a.shape)[0] for ax in axes)
     return Transpose((i, j))(a)
 
 
@@ -431,7 +431,8 @@ def stack(tensors, axis):
             raise ValueError(f"stack: all tensors must have one shape; tensor 0 has {shape}, tensor {k} has {t.shape}")
     axis = operator.index(axis)
     if not -(len(shape) + 1) <= axis <= len(shape):
-        raise ValueError(f"stack: axis {axis} is out of range for stacking {len(shape)}-D tensors")
+        raise ValueError(f"stack: axis {axis} is out of range for stacking tensors of shape {shape} "
+                         f"(expected {-len(shape) - 1} <= axis <= {len(shape)})")
     return Stack(axis % (len(shape) + 1))(*tensors)
 
 
@@ -455,7 +456,7 @@ class Split(TensorTupleOp):
 
 def split(a, axis):
     _check_tensor("split", a)
-    return Split(_norm_axes("split", axis, a.ndim)[0])(a)
+    return Split(_norm_axes("split", axis, a.shape)[0])(a)
 
 
 class Flip(TensorOp):
@@ -473,7 +474,7 @@ class Flip(TensorOp):
 
 def flip(a, axes):
     _check_tensor("flip", a)
-    return Flip(_norm_axes("flip", axes, a.ndim))(a)
+    return Flip(_norm_axes("flip", axes, a.shape))(a)
 
 
 def _dilated_slices(shape, axes, dilation):
@@ -516,7 +517,7 @@ def _check_dilation(name, a, axes, dilation):
     _check_tensor(name, a)
     if not isinstance(dilation, numbers.Integral) or dilation < 0:
         raise ValueError(f"{name}: dilation must be a non-negative int, got {dilation!r}")
-    return _norm_axes(name, axes, a.ndim)
+    return _norm_axes(name, axes, a.shape)
 
 
 def dilate(a, axes, dilation):

@@ -12,6 +12,9 @@ replaced `cell.W_ih` receives the gradient on either path.
 """
 import math
 import os
+import warnings
+
+import numpy as np
 
 from .. import init, ops
 from ..autograd import Tensor
@@ -167,8 +170,64 @@ def _fused_default(fused):
     return bool(fused)
 
 
+def _lengths_array(who, lengths, seq_len, bs):
+    """lengths (a list, numpy array or Tensor) as an int64 numpy array of bs values in [1, seq_len]."""
+    raw = np.asarray(lengths.numpy() if isinstance(lengths, Tensor) else lengths)
+    if raw.dtype.kind not in "biuf":
+        raise TypeError(f"{who}: lengths must be numbers, got dtype {raw.dtype}")
+    if raw.shape != (bs,):
+        raise ValueError(f"{who}: lengths must hold bs={bs} values, got shape {raw.shape}")
+    values = raw.astype(np.int64)
+    if (values != raw).any() or values.min() < 1 or values.max() > seq_len:
+        raise ValueError(f"{who}: lengths must be whole numbers in [1, seq_len={seq_len}], got {raw.tolist()}")
+    return values
+
+
+class _GradFlow:
+    """Squared norms of dL/dh_t per (layer, direction) row, step and sequence, filled during backward.
+
+    Rows are in h_n's order; reverse-direction rows arrive in processing order and are mapped back to input
+    steps; sorted batches (fused path with lengths) are mapped back to the caller's order.
+    """
+
+    def __init__(self, rows, seq_len, bs, lengths, order):
+        self.squares = np.zeros((rows, seq_len, bs))
+        self.filled = False
+        self.lengths, self.order = lengths, order
+
+    def record_block(self, row, reverse, squares):
+        """squares (seq_len, bs) in processing order of the (possibly sorted) batch."""
+        squares = np.asarray(squares, dtype=np.float64)
+        if self.order is not None:
+            unsorted = np.empty_like(squares)
+            unsorted[:, self.order] = squares
+            squares = unsorted
+        if reverse:
+            squares = _reverse_numpy(squares, self.lengths)
+        self.squares[row] = squares
+        self.filled = True
+
+    def step_recorder(self, row, step):
+        def record(squares):
+            self.squares[row, step] = squares
+            self.filled = True
+        return record
+
+    def result(self):
+        return np.sqrt(self.squares.sum(axis=2))
+
+
+def _reverse_numpy(a, lengths):
+    """a (seq_len, bs) with each column reversed over its first lengths[b] entries (all when None)."""
+    if lengths is None:
+        return a[::-1].copy()
+    steps = np.arange(a.shape[0])[:, None]
+    source = np.where(steps < lengths, lengths - 1 - steps, steps)
+    return a[source, np.arange(a.shape[1])[None, :]]
+
+
 class _Recurrent(Module):
-    """A stack of `num_layers` cells, one per layer, each shared by all time steps.
+    """A stack of `num_layers` layers of one cell per direction, each cell shared by all time steps.
 
     Subclasses set `kind` (the op family), `cells_name` (the list attribute) and `n_states`.
     """
@@ -176,66 +235,206 @@ class _Recurrent(Module):
     cells_name = None
     n_states = 1
 
-    def __init__(self, input_size, hidden_size, num_layers, device, dtype, fused, make_cell):
+    def __init__(self, input_size, hidden_size, num_layers, device, dtype, fused, make_cell, batch_first=False,
+                 dropout=0.0, bidirectional=False, recompute_every=None, record_grad_flow=False):
         super().__init__()
-        _check_sizes(type(self).__name__, input_size, hidden_size, num_layers)
+        who = type(self).__name__
+        _check_sizes(who, input_size, hidden_size, num_layers)
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{who}: dropout must be a number in [0, 1), got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{who}: dropout={dropout} acts between layers, so it has no effect with num_layers=1",
+                          UserWarning, stacklevel=3)
+        if recompute_every is not None and (not isinstance(recompute_every, int) or isinstance(recompute_every, bool)
+                                            or recompute_every < 1):
+            raise ValueError(f"{who}: recompute_every must be a positive int or None, got {recompute_every!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.device, self.dtype = device, dtype
-        setattr(self, self.cells_name,
-                [make_cell(input_size if layer == 0 else hidden_size) for layer in range(num_layers)])
+        self.batch_first, self.dropout, self.bidirectional = batch_first, float(dropout), bidirectional
+        self.recompute_every, self.record_grad_flow = recompute_every, record_grad_flow
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
+        setattr(self, self.cells_name, [make_cell(size) for size in sizes])
+        if bidirectional:
+            setattr(self, self.cells_name + "_reverse", [make_cell(size) for size in sizes])
         self.fused = _fused_default(fused)
+        self._grad_flow = None
 
     @property
-    def _cells(self):
-        return getattr(self, self.cells_name)
+    def grad_flow(self):
+        """(num_layers * D, seq_len) numpy array of ||dL/dh_t|| from the latest backward, or None."""
+        recorder = self._grad_flow
+        return recorder.result() if recorder is not None and recorder.filled else None
+
+    def _layer_cells(self, layer):
+        cells = [getattr(self, self.cells_name)[layer]]
+        if self.bidirectional:
+            cells.append(getattr(self, self.cells_name + "_reverse")[layer])
+        return cells
 
     def _initial_states(self, X, h0):
-        """Per layer, the tuple of initial states ((h,) or (h, c)); None where h0 is None."""
-        who, shape = type(self).__name__, (self.num_layers, X.shape[1], self.hidden_size)
+        """Per (layer, direction) in h_n's order, the tuple of initial states ((h,) or (h, c)), or None."""
+        directions = 2 if self.bidirectional else 1
+        rows = self.num_layers * directions
+        who, shape = type(self).__name__, (rows, X.shape[1], self.hidden_size)
         if h0 is None:
-            return [None] * self.num_layers
+            return [None] * rows
         if self.n_states > 1 and (not isinstance(h0, (tuple, list)) or len(h0) != 2):
             raise ValueError(f"{who}: h must be a pair (h0, c0) or None, got {type(h0).__name__}")
         parts = h0 if self.n_states > 1 else (h0,)
         for label, state in zip(("h0", "c0"), parts):
             _check_state(who, label, state, shape)
         per_state = [ops.split(state, 0).tuple() for state in parts]
-        return [tuple(states[layer] for states in per_state) for layer in range(self.num_layers)]
+        return [tuple(states[row] for states in per_state) for row in range(rows)]
 
-    def forward(self, X, h0=None):
-        _check_input(type(self).__name__, X, 3, self.input_size, "(seq_len, bs, input_size)")
+    def _dropout_masks(self, X):
+        """One mask per layer but the last, (seq_len, bs, D * hidden), drawn now in layer order."""
+        if not self.training or self.dropout == 0.0:
+            return [None] * self.num_layers
+        width = (2 if self.bidirectional else 1) * self.hidden_size
+        keep = 1.0 - self.dropout
+        masks = [init.randb(X.shape[0], X.shape[1], width, p=keep, device=X.device, dtype=X.dtype) / keep
+                 for _ in range(self.num_layers - 1)]
+        return masks + [None]
+
+    def forward(self, X, h0=None, lengths=None):
+        who = type(self).__name__
+        layout = "(bs, seq_len, input_size)" if self.batch_first else "(seq_len, bs, input_size)"
+        _check_input(who, X, 3, self.input_size, layout)
+        if self.batch_first:
+            X = ops.transpose(X, (0, 1))
+        seq_len, bs = X.shape[0], X.shape[1]
+        if lengths is not None:
+            lengths = _lengths_array(who, lengths, seq_len, bs)
+            if (lengths == seq_len).all():
+                lengths = None  # every sequence is full: the plain path is the same computation
         states = self._initial_states(X, h0)
-        use_fused = self.fused and ops.has_fused_kernels(X.device, self.kind)
-        output, finals = (self._forward_fused if use_fused else self._forward_reference)(X, states)
+        masks = self._dropout_masks(X)
+        fused = self.fused and ops.has_fused_kernels(X.device, self.kind)
+        order = None
+        if fused and lengths is not None and (np.diff(lengths) > 0).any():
+            # sort by length once per call, so each step runs only the sequences still going
+            order = np.argsort(-lengths, kind="stable")
+            X = ops.reorder(X, order, 1)
+            states = [None if s is None else tuple(ops.reorder(x, order, 0) for x in s) for s in states]
+            masks = [None if m is None else ops.reorder(m, order, 1) for m in masks]
+            lengths = lengths[order]
+        rows = len(states)
+        recorder = _GradFlow(rows, seq_len, bs, lengths if order is None else lengths[np.argsort(order)], order) \
+            if self.record_grad_flow else None
+        if fused or self.bidirectional:
+            output, finals = self._forward_by_layer(X, states, lengths, masks, recorder, fused)
+        else:
+            output, finals = self._forward_by_step(X, states, lengths, masks, recorder)
+        if order is not None:
+            inverse = np.argsort(order)
+            output = ops.reorder(output, inverse, 1)
+            finals = [tuple(ops.reorder(x, inverse, 0) for x in f) for f in finals]
+        self._grad_flow = recorder
         stacked = tuple(ops.stack([f[k] for f in finals], 0) for k in range(self.n_states))
+        if self.batch_first:
+            output = ops.transpose(output, (0, 1))
         return output, (stacked if self.n_states > 1 else stacked[0])
 
-    def _forward_reference(self, X, states):
-        """Time step by time step, layer by layer, through one cell per layer."""
+    def _zeros_state(self, bs, like):
+        zeros = init.zeros(bs, self.hidden_size, device=like.device, dtype=like.dtype)
+        return (zeros,) * self.n_states
+
+    def _step(self, cell, x, state, active, probe):
+        """One cell step; with `active` (bs, 1) of 1.0/0.0, finished sequences keep their state and output 0."""
+        new = cell(x, None if state is None else (state if self.n_states > 1 else state[0]))
+        new = tuple(new) if self.n_states > 1 else (new,)
+        if probe is not None:
+            new = (ops.GradProbe(probe)(new[0]),) + new[1:]
+        if active is None:
+            return new, new[0]
+        state = self._zeros_state(x.shape[0], x) if state is None else state
+        inactive = 1.0 - active
+        merged = tuple(n * active + s * inactive for n, s in zip(new, state))
+        return merged, new[0] * active
+
+    def _active(self, X, lengths):
+        """Per step, a (bs, 1) constant: 1.0 where the sequence is still going; None without lengths."""
+        if lengths is None:
+            return [None] * X.shape[0]
+        return [Tensor((lengths > t).astype(np.float32)[:, None], device=X.device, dtype=X.dtype,
+                       requires_grad=False) for t in range(X.shape[0])]
+
+    def _forward_by_step(self, X, states, lengths, masks, recorder):
+        """The reference path as specified: time step by time step and, within a step, layer by layer."""
         finals = list(states)
+        cells = getattr(self, self.cells_name)
+        active = self._active(X, lengths)
+        step_masks = [None if m is None else ops.split(m, 0).tuple() for m in masks]
         outputs = []
-        for x in ops.split(X, 0).tuple():
-            for layer, cell in enumerate(self._cells):
-                state = finals[layer]
-                new = cell(x, None if state is None else (state if self.n_states > 1 else state[0]))
-                finals[layer] = new if self.n_states > 1 else (new,)
-                x = finals[layer][0]
+        for t, x in enumerate(ops.split(X, 0).tuple()):
+            for layer, cell in enumerate(cells):
+                probe = recorder.step_recorder(layer, t) if recorder else None
+                finals[layer], x = self._step(cell, x, finals[layer], active[t], probe)
+                if step_masks[layer] is not None:
+                    x = x * step_masks[layer][t]
             outputs.append(x)
         return ops.stack(outputs, 0), finals
 
-    def _forward_fused(self, X, states):
-        """One whole-sequence op per layer."""
+    def _forward_by_layer(self, X, states, lengths, masks, recorder, fused):
+        """Layer by layer (bidirectional layers need the whole sequence of the layer below), each direction
+        as one fused op or as a walk over time steps through its cell."""
         finals = []
-        for cell, state in zip(self._cells, states):
-            if state is None:
-                zeros = init.zeros(X.shape[1], self.hidden_size, device=X.device, dtype=X.dtype)
-                state = (zeros,) * self.n_states
-            result = self._layer_op(cell, X, state).tuple()
-            X = result[0]
-            finals.append(result[1:])
+        directions = 2 if self.bidirectional else 1
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, cell in enumerate(self._layer_cells(layer)):
+                row = layer * directions + direction
+                state = states[row]
+                X_dir = X if direction == 0 else self._reverse(X, lengths)
+                run = self._run_fused if fused else self._run_by_step
+                Y, final = run(cell, X_dir, state, lengths, recorder, row, direction == 1)
+                outputs.append(Y if direction == 0 else self._reverse(Y, lengths))
+                finals.append(final)
+            X = outputs[0] if directions == 1 else ops.reshape(
+                ops.stack(outputs, 2), outputs[0].shape[:2] + (2 * self.hidden_size,))
+            if masks[layer] is not None:
+                X = X * masks[layer]
         return X, finals
 
-    def _layer_op(self, cell, X, state):
+    @staticmethod
+    def _reverse(X, lengths):
+        return ops.flip(X, (0,)) if lengths is None else ops.reverse_sequences(X, lengths)
+
+    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+        record = None
+        if recorder is not None:
+            def record(squares):
+                recorder.record_block(row, reverse, squares)
+        result = self._layer_op(cell, X, state or self._zeros_state(X.shape[1], X), lengths=lengths,
+                                recompute_every=self.recompute_every, record=record).tuple()
+        return result[0], result[1:]
+
+    def _run_by_step(self, cell, X, state, lengths, recorder, row, reverse):
+        active = self._active(X, lengths)
+        outputs = []
+        for t, x in enumerate(ops.split(X, 0).tuple()):
+            probe = None
+            if recorder is not None:
+                # steps of a reverse row run backwards in time; _GradFlow maps them back when read
+                probe = recorder.step_recorder(row, t) if not reverse else self._reverse_probe(recorder, row, t,
+                                                                                               lengths, X.shape[0])
+            state, y = self._step(cell, x, state, active[t], probe)
+            outputs.append(y)
+        return ops.stack(outputs, 0), state
+
+    @staticmethod
+    def _reverse_probe(recorder, row, step, lengths, seq_len):
+        """Record processing step `step` of a reverse row at the input step each sequence is at."""
+        def record(squares):
+            lens = np.full(len(squares), seq_len) if lengths is None else lengths
+            valid = step < lens
+            input_steps = np.where(valid, lens - 1 - step, step)
+            recorder.squares[row, input_steps[valid], np.nonzero(valid)[0]] = squares[valid]
+            recorder.filled = True
+        return record
+
+    def _layer_op(self, cell, X, state, **options):
         raise NotImplementedError()
 
 
@@ -250,10 +449,16 @@ class RNN(_Recurrent):
         device, dtype: default cpu, "float32".
         fused: True runs one whole-sequence op per layer (hand-written BPTT); False the per-step reference
             path; None (default) reads NEEDLE_FUSED ("0" means False). Changeable at any time.
-    Shapes: X (seq_len, bs, input_size), h0 (num_layers, bs, hidden_size) or None (zeros) ->
-        output (seq_len, bs, hidden_size), the last layer's h_t for every t, and
-        h_n (num_layers, bs, hidden_size), each layer's final state.
-    Init: as RNNCell's, per layer (layer 0 takes input_size inputs, the others hidden_size).
+        batch_first: X and output are (bs, seq_len, ...) (default False; h0 and h_n keep their layout).
+        dropout: on every layer's output but the last, in training only (default 0).
+        bidirectional: D = 2, reverse cells in `rnn_cells_reverse`; output [forward, reverse] per step.
+        recompute_every: k keeps every k-th step's state in the fused backward and recomputes the rest
+            (memory O(seq_len / k + k) per layer; identical results). Default None keeps all.
+        record_grad_flow: after backward, `grad_flow` holds ||dL/dh_t|| per (layer, direction) and step.
+    Shapes: X (seq_len, bs, input_size), h0 (num_layers * D, bs, hidden_size) or None (zeros), lengths (bs,)
+        or None -> output (seq_len, bs, D * hidden_size), the last layer's h_t for every t (zero past each
+        sequence's length), and h_n (num_layers * D, bs, hidden_size), each layer's final state.
+    Init: as RNNCell's, per layer (layer 0 takes input_size inputs, the others D * hidden_size).
 
     >>> import needle as ndl, numpy as np
     >>> rnn = ndl.nn.RNN(4, 6, num_layers=2)
@@ -264,61 +469,70 @@ class RNN(_Recurrent):
     kind, cells_name = "rnn", "rnn_cells"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, nonlinearity="tanh", device=None,
-                 dtype="float32", fused=None):
+                 dtype="float32", fused=None, batch_first=False, dropout=0.0, bidirectional=False,
+                 recompute_every=None, record_grad_flow=False):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.bias, self.nonlinearity = bias, nonlinearity
         super().__init__(input_size, hidden_size, num_layers, device, dtype, fused,
-                         lambda size: RNNCell(size, hidden_size, bias, nonlinearity, device, dtype))
+                         lambda size: RNNCell(size, hidden_size, bias, nonlinearity, device, dtype),
+                         batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
 
-    def _layer_op(self, cell, X, state):
+    def _layer_op(self, cell, X, state, **options):
         return ops.rnn_layer(X, state[0], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh,
-                             nonlinearity=cell.nonlinearity)
+                             nonlinearity=cell.nonlinearity, **options)
 
 
 class LSTM(_Recurrent):
-    """A multi-layer LSTM: LSTMCell per layer in `lstm_cells`, stacked as in RNN.
+    """A multi-layer LSTM: LSTMCell per layer in `lstm_cells` (and `lstm_cells_reverse`), stacked as in RNN.
 
-    Args: input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32", fused=None
+    Args: input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32", fused=None,
+        batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None, record_grad_flow=False
         (as RNN's).
-    Shapes: X (seq_len, bs, input_size), h = (h0, c0) each (num_layers, bs, hidden_size), or None (zeros)
-        -> (output (seq_len, bs, hidden_size), (h_n, c_n) each (num_layers, bs, hidden_size)).
+    Shapes: X (seq_len, bs, input_size), h = (h0, c0) each (num_layers * D, bs, hidden_size), or None (zeros),
+        lengths (bs,) or None -> (output (seq_len, bs, D * hidden_size), (h_n, c_n) each
+        (num_layers * D, bs, hidden_size)).
     Init: as LSTMCell's, per layer.
     """
     kind, cells_name, n_states = "lstm", "lstm_cells", 2
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32",
-                 fused=None):
+                 fused=None, batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None,
+                 record_grad_flow=False):
         self.bias = bias
         super().__init__(input_size, hidden_size, num_layers, device, dtype, fused,
-                         lambda size: LSTMCell(size, hidden_size, bias, device, dtype))
+                         lambda size: LSTMCell(size, hidden_size, bias, device, dtype),
+                         batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
 
-    def forward(self, X, h=None):
-        return super().forward(X, h)
+    def forward(self, X, h=None, lengths=None):
+        return super().forward(X, h, lengths)
 
-    def _layer_op(self, cell, X, state):
-        return ops.lstm_layer(X, state[0], state[1], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh)
+    def _layer_op(self, cell, X, state, **options):
+        return ops.lstm_layer(X, state[0], state[1], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh, **options)
 
 
 class GRU(_Recurrent):
-    """A multi-layer GRU: GRUCell per layer in `gru_cells`, stacked as in RNN.
+    """A multi-layer GRU: GRUCell per layer in `gru_cells` (and `gru_cells_reverse`), stacked as in RNN.
 
-    Args: input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32", fused=None
+    Args: input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32", fused=None,
+        batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None, record_grad_flow=False
         (as RNN's).
-    Shapes: X (seq_len, bs, input_size), h0 (num_layers, bs, hidden_size) or None (zeros) ->
-        (output (seq_len, bs, hidden_size), h_n (num_layers, bs, hidden_size)).
+    Shapes: X (seq_len, bs, input_size), h0 (num_layers * D, bs, hidden_size) or None (zeros), lengths (bs,)
+        or None -> (output (seq_len, bs, D * hidden_size), h_n (num_layers * D, bs, hidden_size)).
     Init: as GRUCell's, per layer.
     """
     kind, cells_name = "gru", "gru_cells"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32",
-                 fused=None):
+                 fused=None, batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None,
+                 record_grad_flow=False):
         self.bias = bias
         super().__init__(input_size, hidden_size, num_layers, device, dtype, fused,
-                         lambda size: GRUCell(size, hidden_size, bias, device, dtype))
+                         lambda size: GRUCell(size, hidden_size, bias, device, dtype),
+                         batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
 
-    def _layer_op(self, cell, X, state):
-        return ops.gru_layer(X, state[0], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh)
+    def _layer_op(self, cell, X, state, **options):
+        return ops.gru_layer(X, state[0], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh, **options)
 
 
 class Embedding(Module):

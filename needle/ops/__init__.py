@@ -1,5 +1,5 @@
 """needle's differentiable operations: a CamelCase op class and a snake_case function for each."""
-from .ops_indexing import Gather, gather_rows
+from .ops_indexing import Gather, Reorder, ReverseSequences, gather_rows, reorder, reverse_sequences
 from .ops_logarithmic import (LogSoftmax, LogSumExp, SoftmaxCrossEntropy, logsoftmax, logsumexp,
                               softmax_cross_entropy)
 from .ops_mathematic import (AddScalar, BroadcastTo, Dilate, DivScalar, EWiseAdd, EWiseDiv, EWiseMul, EWisePow,
@@ -8,16 +8,16 @@ from .ops_mathematic import (AddScalar, BroadcastTo, Dilate, DivScalar, EWiseAdd
                              add, add_scalar, broadcast_to, dilate, divide, divide_scalar, exp, flip, log,
                              make_tuple, matmul, mul_scalar, multiply, negate, power, power_scalar, relu, reshape,
                              sigmoid, split, stack, summation, tanh, transpose, tuple_get_item, undilate)
-from .ops_recurrent import (GRULayer, LSTMLayer, RNNLayer, gru_layer, has_fused_kernels, lstm_layer,
+from .ops_recurrent import (GradProbe, GRULayer, LSTMLayer, RNNLayer, gru_layer, has_fused_kernels, lstm_layer,
                             rnn_layer)
 
 __all__ = [
     "AddScalar", "BroadcastTo", "Dilate", "DivScalar", "EWiseAdd", "EWiseDiv", "EWiseMul", "EWisePow", "Exp",
     "Flip", "Log", "LogSoftmax", "LogSumExp", "MakeTensorTuple", "MatMul", "MulScalar", "Negate", "PowerScalar",
     "ReLU", "Reshape", "Sigmoid", "SoftmaxCrossEntropy", "Split", "Stack", "Summation", "Tanh", "Transpose",
-    "TupleGetItem", "UnDilate", "Gather", "RNNLayer", "LSTMLayer", "GRULayer",
+    "TupleGetItem", "UnDilate", "Gather", "Reorder", "ReverseSequences", "GradProbe", "RNNLayer", "LSTMLayer", "GRULayer",
     "add", "add_scalar", "broadcast_to", "dilate", "divide", "divide_scalar", "exp", "flip", "log", "logsoftmax",
     "logsumexp", "make_tuple", "matmul", "mul_scalar", "multiply", "negate", "power", "power_scalar", "relu",
     "reshape", "sigmoid", "softmax_cross_entropy", "split", "stack", "summation", "tanh", "transpose",
-    "tuple_get_item", "undilate", "gather_rows", "rnn_layer", "lstm_layer", "gru_layer", "has_fused_kernels",
+    "tuple_get_item", "undilate", "gather_rows", "reorder", "reverse_sequences", "rnn_layer", "lstm_layer", "gru_layer", "has_fused_kernels",
 ]

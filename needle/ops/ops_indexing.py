@@ -1,11 +1,12 @@
-"""Row gather with a scatter-add gradient: the embedding lookup, without a one-hot matmul."""
+"""Index-driven ops: the embedding's row gather (scatter-add gradient, no one-hot matmul), a permutation of
+the batch axis and the per-sequence time reversal used by bidirectional layers with lengths."""
 import numpy as np
 
 from ..autograd import Tensor, TensorOp
-from ..backend_ndarray.ndarray import NDArray
+from ..backend_ndarray.ndarray import NDArray, _norm_axes
 from .ops_mathematic import _check_tensor
 
-__all__ = ["Gather", "gather_rows"]
+__all__ = ["Gather", "gather_rows", "Reorder", "reorder", "ReverseSequences", "reverse_sequences"]
 
 
 class Gather(TensorOp):
@@ -22,8 +23,15 @@ class Gather(TensorOp):
         table = node.inputs[0].realize_cached_data()
         xp = table.device.xp
         grad = xp.zeros(table.shape, dtype=table.x.dtype)
-        # rows used several times receive the sum of their gradients
-        xp.add.at(grad, self.indices.reshape(-1), out_grad.realize_cached_data().x.reshape(-1, table.shape[1]))
+        indices = self.indices.reshape(-1)
+        rows = out_grad.realize_cached_data().x.reshape(-1, table.shape[1])
+        if indices.size:
+            # Rows used several times receive the sum of their gradients. Sorting the indices and summing
+            # each run of equal ones with one reduceat is faster than xp.add.at's unbuffered scatter.
+            order = xp.argsort(indices, kind="stable")
+            sorted_indices = indices[order]
+            run_starts = xp.flatnonzero(xp.concatenate(([True], sorted_indices[1:] != sorted_indices[:-1])))
+            grad[sorted_indices[run_starts]] = xp.add.reduceat(rows[order], run_starts, axis=0)
         return Tensor.make_const(NDArray.from_xp(grad, table.device))
 
 
@@ -41,3 +49,57 @@ def gather_rows(table, indices, who="gather_rows"):
         raise ValueError(f"{who}: indices must be whole numbers in [0, {n}), got values from {raw.min()} "
                          f"to {raw.max()}")
     return Gather(table.device.xp.asarray(idx))(table)
+
+
+class Reorder(TensorOp):
+    """Reorder one axis by a permutation: out[..., j, ...] = a[..., order[j], ...]; the gradient applies the
+    inverse permutation."""
+    name = "reorder"
+
+    def __init__(self, order, axis):
+        self.order, self.axis = order, axis  # order: an int64 numpy array
+
+    def compute(self, a):
+        return NDArray.from_xp(a.device.xp.take(a.x, a.device.xp.asarray(self.order), axis=self.axis), a.device)
+
+    def gradient(self, out_grad, node):
+        return Reorder(np.argsort(self.order), self.axis)(out_grad)
+
+
+def reorder(a, order, axis):
+    """a with axis `axis` reordered by the permutation `order` (e.g. sequences sorted by length)."""
+    _check_tensor("reorder", a)
+    axis = _norm_axes("reorder", axis, a.shape)[0]
+    order = np.asarray(order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(a.shape[axis])):
+        raise ValueError(f"reorder: order must be a permutation of range({a.shape[axis]}) for axis {axis} of "
+                         f"{a.shape}, got {order.tolist()}")
+    return Reorder(order, axis)(a)
+
+
+class ReverseSequences(TensorOp):
+    """Reverse each column b of X (T, B, ...) within its own length: out[t, b] = X[lengths[b] - 1 - t, b] for
+    t < lengths[b]; padded steps stay where they are. The map is its own inverse, and so is the gradient."""
+    name = "reverse_sequences"
+
+    def __init__(self, lengths):
+        self.lengths = lengths  # an int64 numpy array of shape (B,)
+
+    def compute(self, X):
+        xp = X.device.xp
+        steps = np.arange(X.shape[0])[:, None]
+        source = np.where(steps < self.lengths, self.lengths - 1 - steps, steps)
+        return NDArray.from_xp(X.x[xp.asarray(source), xp.arange(X.shape[1])[None, :]], X.device)
+
+    def gradient(self, out_grad, node):
+        return ReverseSequences(self.lengths)(out_grad)
+
+
+def reverse_sequences(X, lengths):
+    """X (T, B, ...) with every sequence b reversed over its first lengths[b] steps."""
+    _check_tensor("reverse_sequences", X)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if X.ndim < 2 or lengths.shape != (X.shape[1],):
+        raise ValueError(f"reverse_sequences: expected X (T, B, ...) and {X.shape[1] if X.ndim > 1 else '?'} "
+                         f"lengths, got X {X.shape} and lengths of shape {lengths.shape}")
+    return ReverseSequences(lengths)(X)

@@ -1,0 +1,39 @@
+"""Train a small LSTM language model for a few steps, data-parallel over however many ranks this runs on.
+
+Each rank takes its share of the batch columns; the result must not depend on the number of ranks.
+Usage: python data_parallel_lm.py OUT.npz   (under mpiexec -n K or alone)
+"""
+import sys
+
+import numpy as np
+
+import needle as ndl
+from needle import distributed
+from needle.data import batchify, get_batch
+from needle.models import LanguageModel
+
+rank, size = distributed.init()
+np.random.seed(0)
+ids = np.random.randint(0, 30, size=2000)
+global_batch = 8
+batches = batchify(ids, global_batch)
+share = global_batch // size
+local = batches[:, rank * share:(rank + 1) * share]
+
+np.random.seed(1)
+model = LanguageModel(12, 30, 16, num_layers=2, seq_model="lstm")
+distributed.broadcast_parameters(model.parameters())
+opt = distributed.DistributedOptimizer(ndl.optim.SGD(model.parameters(), lr=1.0))
+loss_fn = ndl.nn.SoftmaxLoss()
+h = None
+for i in range(0, 10 * 7, 7):
+    x, y = get_batch(local, i, 7)
+    logits, h = model(x, h)
+    loss = loss_fn(logits, y)
+    opt.reset_grad()
+    loss.backward()
+    opt.clip_grad_norm(0.5)
+    opt.step()
+    h = tuple(t.detach() for t in h)
+if distributed.is_main():
+    np.savez(sys.argv[1], *[p.numpy() for p in model.parameters()], world_size=size)

@@ -42,3 +42,48 @@ def test_two_processes_equal_one(tmp_path):
     assert len(names) > 5
     for name in names:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _write_corpus(directory):
+    rng = np.random.default_rng(0)
+    words = "the cat dog sees likes a ball tree runs".split()
+    for name, n in (("train", 200), ("valid", 40), ("test", 40)):
+        lines = [" ".join(rng.choice(words, size=rng.integers(3, 8))) for _ in range(n)]
+        (directory / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return str(directory)
+
+
+CLI = [sys.executable, "-m", "needle.lm", "train", "--epochs", "2", "--embedding-size", "12", "--hidden-size", "16",
+       "--layers", "2", "--seq-len", "8", "--batch-size", "8", "--optimizer", "sgd", "--lr", "2", "--dropout", "0"]
+
+
+def test_needle_lm_under_mpirun_equals_one_process(tmp_path):
+    data = _write_corpus(tmp_path)
+    run(CLI + ["--data", data, "--out", str(tmp_path / "one")])
+    result = run([mpiexec(), "-n", "2"] + CLI + ["--data", data, "--out", str(tmp_path / "two")])
+    assert result.stdout.count("epoch   2/2") == 1, "only rank 0 prints"
+    import json
+    from safetensors.numpy import load_file
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for a, b in zip(one, two):
+        for key in ("train_loss", "valid_loss"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    w1, w2 = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("one", "two"))
+    weights = [k for k in w1 if k.startswith("weight")]
+    assert weights and set(w1) == set(w2)
+    for k in weights:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # --resume under mpirun continues to a third epoch
+    run([mpiexec(), "-n", "2"] + CLI[:4] + ["--out", str(tmp_path / "two"), "--epochs", "3", "--resume"])
+    assert len(json.loads((tmp_path / "two" / "metrics.json").read_text())) == 3
+
+
+def test_batch_size_not_divisible_is_a_clear_error(tmp_path):
+    data = _write_corpus(tmp_path)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    result = subprocess.run([mpiexec(), "-n", "2"] + CLI + ["--data", data, "--out", str(tmp_path / "x"),
+                                                            "--batch-size", "5"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert "--batch-size 5 must be divisible by the 2 processes of mpirun" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -441,3 +441,48 @@ def test_short_training_run_on_the_builtin_corpus(tmp_path, capsys):
     assert status == 0 and json.loads(out)["tokens"] > 0
     status, out, _ = _cli(capsys, "generate", tmp_path, "--prompt", "The", "--tokens", "4", "--seed", "0")
     assert status == 0 and len(out.split()) == 5
+
+
+# ---- --grad-flow --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "reference"])
+def test_grad_flow_writes_json_and_heat_map(corpus, tmp_path, capsys, monkeypatch, fused):
+    monkeypatch.setenv("NEEDLE_FUSED", fused)
+    out = tmp_path / "gf"
+    status, _, err = _cli(capsys, "train", "--data", corpus, "--out", out, "--epochs", "2", "--layers", "2",
+                          "--grad-flow", *TINY)
+    assert status == 0, err
+    with open(out / "grad_flow.json") as f:
+        rows = json.load(f)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    flow = np.array(rows[0]["grad_flow"])
+    assert flow.shape == (2, 8) and (flow > 0).all() and rows[0]["first_nonfinite"] is None
+    assert (out / "grad_flow.png").stat().st_size > 1000
+    # --resume keeps the earlier epochs' records
+    status, _, err = _cli(capsys, "train", "--out", out, "--epochs", "3", "--resume", "--grad-flow")
+    assert status == 0, err
+    with open(out / "grad_flow.json") as f:
+        assert [r["epoch"] for r in json.load(f)] == [1, 2, 3]
+
+
+def test_first_nonfinite_names_the_earliest_step_and_layer():
+    from needle.lm.grad_flow import first_nonfinite
+    flow = np.ones((3, 6))
+    assert first_nonfinite(flow) is None
+    flow[2, 1] = np.inf
+    flow[1, 4] = np.nan
+    flow[0, 1] = np.nan
+    assert first_nonfinite(flow) == {"step": 1, "layer": 0}
+
+
+def test_exploding_gradients_are_reported(corpus, tmp_path, capsys):
+    """A huge learning rate drives the weights to inf; the run names where dL/dh_t first went bad."""
+    out = tmp_path / "boom"
+    status, _, err = _cli(capsys, "train", "--data", corpus, "--out", out, "--epochs", "2", "--grad-flow",
+                          "--model", "rnn", "--optimizer", "sgd", "--lr", "1e30", "--clip", "0", *TINY[:8])
+    assert status == 0, err
+    with open(out / "grad_flow.json") as f:
+        rows = json.load(f)
+    bad = [r for r in rows if r["first_nonfinite"] is not None]
+    assert bad, rows
+    assert "turned NaN or infinite first at step" in err

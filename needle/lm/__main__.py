@@ -1,6 +1,7 @@
 """needle-lm: train, evaluate and sample word-level recurrent language models from the command line.
 
-    needle-lm train [--data DIR] [--out DIR] [--model rnn|lstm|gru] ... [--resume]
+    needle-lm train [--data DIR] [--out DIR] [--model rnn|lstm|gru] ... [--resume] [--grad-flow]
+    mpirun -n K needle-lm train ...    (data-parallel: each process takes batch-size / K columns)
     needle-lm evaluate CHECKPOINT [--data DIR] [--split test|valid|train] [--json]
     needle-lm generate CHECKPOINT [--prompt TEXT] [--tokens N] [--temperature X] [--seed N]
 
@@ -50,6 +51,8 @@ def build_parser():
     train.add_argument("--seed", type=int, metavar="N", help=_default("seed"))
     train.add_argument("--device", choices=DEVICES, help=_default("device"))
     train.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    train.add_argument("--grad-flow", action="store_true", help="record ||dL/dh_t|| per layer and step on each "
+                       "epoch's first batch: grad_flow.json and grad_flow.png, and report NaN or inf")
 
     evaluate = sub.add_parser("evaluate", help="perplexity of a split", description="Perplexity of a split.")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or the directory holding it")
@@ -73,7 +76,7 @@ def _run(args):
         given = {key: value for key, value in vars(args).items() if key in DEFAULTS and value is not None}
         if "data" in given:
             given["data"] = os.path.abspath(given["data"])
-        commands.train(given, args.out, resume=args.resume)
+        commands.train(given, args.out, resume=args.resume, grad_flow=args.grad_flow)
     elif args.command == "evaluate":
         commands.evaluate(args.checkpoint, data=args.data, split=args.split, as_json=args.json)
     else:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .. import nn, optim
+from .. import distributed, nn, optim
 from ..autograd import Tensor, no_grad
 from ..backend_ndarray import cpu, cuda
 from ..data import batchify
@@ -25,6 +25,7 @@ from .corpus import Encoder, build_vocab, check_nonempty, prompt_words, read_spl
 from .corpus_builtin import EOS
 from .errors import CLIError, note, warn
 from .files import write_json
+from .grad_flow import GRAD_FLOW_JSON, GRAD_FLOW_PNG, first_nonfinite, save_grad_flow
 from .plots import plot_perplexity
 
 __all__ = ["METRICS", "PLOT", "train", "evaluate", "generate", "build_model", "run_epoch"]
@@ -63,26 +64,41 @@ def _batchify(ids, batch_size, split, training=False):
     return batchify(ids, batch_size)
 
 
-def run_epoch(data, model, config, device, opt=None, desc=""):
-    """One pass of epoch_general_ptb under a tqdm bar (stderr) showing loss, perplexity and tokens/s.
+def run_epoch(data, model, config, device, opt=None, desc="", on_first_window=None):
+    """One pass of epoch_general_ptb under a tqdm bar (stderr, rank 0 only) showing loss, perplexity and
+    tokens/s. Under mpirun each rank passes its own columns and the results are summed over the ranks.
 
-    Returns (accuracy, loss, predicted tokens, seconds)."""
+    Returns (accuracy, loss, predicted tokens, seconds) of all ranks together."""
+    size = distributed.world_size()
     seen = {"tokens": 0, "loss": 0.0}
-    total = (data.shape[0] - 1) * data.shape[1]
+    total = (data.shape[0] - 1) * data.shape[1] * size
     with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True, disable=not distributed.is_main()) as bar:
         def progress(tokens, loss_sum):
+            if seen["tokens"] == 0 and on_first_window is not None:
+                on_first_window()
             seen["tokens"] += tokens
             seen["loss"] += loss_sum
             loss = seen["loss"] / seen["tokens"]
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{perplexity(loss):.1f}", refresh=False)
-            bar.update(tokens)
+            bar.update(tokens * size)
 
         start = time.perf_counter()
         accuracy, loss = epoch_general_ptb(data, model, config["seq_len"], nn.SoftmaxLoss(), opt,
                                            config["clip"] or None, device, progress=progress)
         bar.refresh()  # draw the final loss and perplexity even when the epoch beat tqdm's refresh interval
-    return accuracy, loss, seen["tokens"], time.perf_counter() - start
+    tokens = seen["tokens"]
+    if size > 1:
+        correct, loss_sum, tokens = distributed.allreduce_sum([accuracy * tokens, loss * tokens, tokens])
+        accuracy, loss, tokens = correct / tokens, loss_sum / tokens, int(tokens)
+    return accuracy, loss, tokens, time.perf_counter() - start
+
+
+def _shard(data):
+    """This rank's share of the batch columns (all of them in a single process)."""
+    rank, size = distributed.init()
+    share = data.shape[1] // size
+    return data[:, rank * share:(rank + 1) * share]
 
 
 def _make_out_dir(out):
@@ -117,12 +133,15 @@ def _training_data(config, vocab=None):
     return vocab, train_data, _batchify(valid_ids, config["batch_size"], valid_split), valid_split
 
 
-def train(given, out, resume=False):
+def train(given, out, resume=False, grad_flow=False):
     """Train a language model (options in `given`, the ones set on the command line) into `out`.
 
     With `resume`, the checkpoint in `out` supplies the configuration (only `epochs` is read from `given`)
-    and the run goes on to `epochs` in total, ending where an uninterrupted run ends.
+    and the run goes on to `epochs` in total, ending where an uninterrupted run ends. With `grad_flow`, the
+    recurrent layers record ||dL/dh_t|| and each epoch's first batch goes to grad_flow.json and .png.
+    Under `mpirun -n K` every rank trains on batch-size / K of the columns and rank 0 alone writes.
     """
+    rank, world = distributed.init()
     path = os.path.join(out, FILENAME)
     checkpoint = None
     if resume:
@@ -137,11 +156,16 @@ def train(given, out, resume=False):
         config["epochs"] = given.get("epochs", config["epochs"])
     else:
         config = validate_config({**DEFAULTS, **given})
+    if config["batch_size"] % world:
+        raise CLIError(f"--batch-size {config['batch_size']} must be divisible by the {world} processes of mpirun")
     device = _device(config["device"])
-    _make_out_dir(out)
+    main_rank = rank == 0
+    if main_rank:
+        _make_out_dir(out)
 
     np.random.seed(config["seed"])
     vocab, train_data, valid_data, valid_split = _training_data(config, checkpoint.vocab if checkpoint else None)
+    train_data, valid_data = _shard(train_data), _shard(valid_data[:, :valid_data.shape[1] // world * world])
     model = build_model(config, len(vocab), device)
     opt = _optimizer(config, model)
     metrics, done = [], 0
@@ -151,31 +175,62 @@ def train(given, out, resume=False):
         np.random.set_state(checkpoint.rng_state)
         metrics, done = list(checkpoint.metrics), checkpoint.epoch
         if done >= config["epochs"]:
-            print(f"{path} is at epoch {done} of --epochs {config['epochs']}: nothing to train")
+            if main_rank:
+                print(f"{path} is at epoch {done} of --epochs {config['epochs']}: nothing to train")
             return
-        print(f"resuming {path} at epoch {done + 1} of {config['epochs']}")
+        if main_rank:
+            print(f"resuming {path} at epoch {done + 1} of {config['epochs']}")
     else:
         if os.path.isfile(path):
             note(f"a fresh run replaces {path} (--resume continues it)")
         size = sum(int(np.prod(p.shape)) for p in model.parameters())
-        print(f"{config['model']} language model, {size:,} parameters, vocabulary {len(vocab):,}, "
-              f"{train_data.size:,} train and {valid_data.size:,} {valid_split} tokens")
-        if config["epochs"] == 0:
+        if main_rank:
+            print(f"{config['model']} language model, {size:,} parameters, vocabulary {len(vocab):,}, "
+                  f"{train_data.size * world:,} train and {valid_data.size * world:,} {valid_split} tokens")
+        if config["epochs"] == 0 and main_rank:
             _save_run(out, model, opt, config, vocab, 0, metrics)
+    if world > 1:
+        distributed.broadcast_parameters(model.parameters())
+        opt = distributed.DistributedOptimizer(opt)
+    flows = _grad_flow_history(out, done) if grad_flow else None
+    model.seq.record_grad_flow = grad_flow
 
     epochs = config["epochs"]
     for epoch in range(done + 1, epochs + 1):
+        def capture(epoch=epoch):
+            flows.append({"epoch": epoch, "grad_flow": model.seq.grad_flow.copy()})
         _, train_loss, tokens, train_seconds = run_epoch(train_data, model, config, device, opt,
-                                                         desc=f"epoch {epoch}/{epochs}")
+                                                         desc=f"epoch {epoch}/{epochs}",
+                                                         on_first_window=capture if grad_flow else None)
         _, valid_loss, _, valid_seconds = run_epoch(valid_data, model, config, device, desc=valid_split)
         row = {"epoch": epoch, "train_loss": train_loss, "train_ppl": perplexity(train_loss),
                "valid_loss": valid_loss, "valid_ppl": perplexity(valid_loss),
                "seconds": train_seconds + valid_seconds, "tokens_per_s": tokens / train_seconds}
         metrics.append(row)
+        if not main_rank:
+            continue
         print(f"epoch {epoch:3d}/{epochs} | train loss {train_loss:.3f} ppl {row['train_ppl']:8.2f} | "
               f"{valid_split} loss {valid_loss:.3f} ppl {row['valid_ppl']:8.2f} | {row['seconds']:6.1f} s | "
               f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
         _save_run(out, model, opt, config, vocab, epoch, metrics)
+        if grad_flow:
+            bad = first_nonfinite(flows[-1]["grad_flow"])
+            if bad:
+                warn(f"epoch {epoch}: the gradient dL/dh_t turned NaN or infinite first at step {bad['step']} "
+                     f"of layer {bad['layer']} (see {GRAD_FLOW_PNG})")
+            save_grad_flow(os.path.join(out, GRAD_FLOW_JSON), os.path.join(out, GRAD_FLOW_PNG), flows,
+                           config["model"])
+
+
+def _grad_flow_history(out, done):
+    """The grad-flow records of the epochs a resumed run already has (none for a fresh run)."""
+    path = os.path.join(out, GRAD_FLOW_JSON)
+    if not done or not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    return [{"epoch": r["epoch"], "grad_flow": np.array(r["grad_flow"], dtype=float)} for r in rows
+            if r["epoch"] <= done]
 
 
 def _restore(checkpoint_path):

@@ -1,6 +1,8 @@
 """How the CLI reports: CLIError for bad input (one line, exit status 2) and one-line notes on stderr."""
 import sys
 
+from .. import distributed
+
 __all__ = ["CLIError", "warn", "note"]
 
 
@@ -9,8 +11,10 @@ class CLIError(Exception):
 
 
 def warn(message):
-    print(f"needle-lm: warning: {message}", file=sys.stderr)
+    if distributed.is_main():  # under mpirun, rank 0 speaks for all
+        print(f"needle-lm: warning: {message}", file=sys.stderr)
 
 
 def note(message):
-    print(f"needle-lm: {message}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"needle-lm: {message}", file=sys.stderr)

@@ -6,8 +6,13 @@ interleaved step by step, torch limited to 2 threads; each figure is the median 
 warm-up. Printed per kind and workload: needle ms, torch ms, needle/torch, and needle's GEMM GFLOP/s as
 a share of numpy's float32 GEMM peak measured at the start of the run.
 
+--variants adds rows for bidirectional layers ("bi") and for per-sequence lengths drawn uniformly from
+[seq_len/2, seq_len] ("len"; torch through pack_padded_sequence(enforce_sorted=False) and
+pad_packed_sequence); their last column is needle's time over its own unidirectional, full-length time.
+
     python benchmarks/bench_recurrent.py
     python benchmarks/bench_recurrent.py --kinds lstm --workloads medium large --reference
+    python benchmarks/bench_recurrent.py --variants uni bi len
 """
 import argparse
 import os
@@ -18,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import needle as ndl
 
@@ -47,36 +53,51 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def step_flops(kind, seq_len, batch, input_size, hidden, layers):
+def step_flops(kind, seq_len, batch, input_size, hidden, layers, directions=1):
     """GEMM flops of a training step: forward's projections, then twice that in backward."""
     width = GATES[kind] * hidden
-    forward = sum(2 * seq_len * batch * ((input_size if l == 0 else hidden) + hidden) * width for l in range(layers))
-    return 3 * forward
+    forward = sum(2 * seq_len * batch * ((input_size if l == 0 else directions * hidden) + hidden) * width
+                  for l in range(layers))
+    return 3 * forward * directions
 
 
-def needle_step(kind, workload, fused):
+def variant_options(variant, workload):
+    """(bidirectional, lengths) of a benchmark variant: 'uni', 'bi' or 'len'."""
+    seq_len, batch = workload[:2]
+    lengths = np.random.default_rng(0).integers(seq_len // 2, seq_len + 1, size=batch) if variant == "len" else None
+    return variant == "bi", lengths
+
+
+def needle_step(kind, workload, fused, variant="uni"):
     seq_len, batch, input_size, hidden, layers = workload
-    model = NEEDLE[kind](input_size, hidden, num_layers=layers, fused=fused)
+    bidirectional, lengths = variant_options(variant, workload)
+    model = NEEDLE[kind](input_size, hidden, num_layers=layers, fused=fused, bidirectional=bidirectional)
     X = ndl.Tensor(np.random.randn(seq_len, batch, input_size).astype(np.float32), requires_grad=True)
 
     def step():
         for p in model.parameters():
             p.grad = None
         X.grad = None
-        out, _ = model(X)
+        out, _ = model(X, None, lengths)
         out.sum().backward()
     return step
 
 
-def torch_step(kind, workload):
+def torch_step(kind, workload, variant="uni"):
     seq_len, batch, input_size, hidden, layers = workload
-    model = TORCH[kind](input_size, hidden, num_layers=layers)
+    bidirectional, lengths = variant_options(variant, workload)
+    model = TORCH[kind](input_size, hidden, num_layers=layers, bidirectional=bidirectional)
     X = torch.randn(seq_len, batch, input_size, requires_grad=True)
+    lengths = None if lengths is None else torch.tensor(lengths)
 
     def step():
         model.zero_grad(set_to_none=True)
         X.grad = None
-        out, _ = model(X)
+        if lengths is None:
+            out, _ = model(X)
+        else:
+            out, _ = model(pack_padded_sequence(X, lengths, enforce_sorted=False))
+            out, _ = pad_packed_sequence(out, total_length=seq_len)
         out.sum().backward()
     return step
 
@@ -98,6 +119,7 @@ def main():
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--reference", action="store_true", help="also time needle's per-step reference path")
     parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timed steps")
+    parser.add_argument("--variants", nargs="+", default=["uni"], choices=["uni", "bi", "len"])
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -109,23 +131,37 @@ def main():
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), needle commit {commit}")
     print(f"# numpy float32 GEMM peak (2048^3): {peak:.0f} GFLOP/s")
-    header = f"{'kind':5} {'workload':8} {'needle ms':>10} {'torch ms':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}"
+    header = (f"{'kind':5} {'workload':8} {'variant':7} {'needle ms':>10} {'torch ms':>10} {'ratio':>6} "
+              f"{'GFLOP/s':>8} {'% peak':>7}")
     if args.reference:
         header += f" {'reference ms':>13}"
+    if set(args.variants) - {"uni"}:
+        header += f" {'vs uni':>7}"
     print(header)
     for kind in args.kinds:
         for name in args.workloads:
             workload = WORKLOADS[name]
-            steps = [needle_step(kind, workload, True), torch_step(kind, workload)]
-            if args.reference:
-                steps.append(needle_step(kind, workload, False))
-            times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
-            gflops = step_flops(kind, *workload) / (times[0] / 1e3) / 1e9
-            line = (f"{kind:5} {name:8} {times[0]:10.2f} {times[1]:10.2f} {times[0] / times[1]:6.2f} "
-                    f"{gflops:8.1f} {100 * gflops / peak:6.0f}%")
-            if args.reference:
-                line += f" {times[2]:13.2f}"
-            print(line, flush=True)
+            uni_ms = None
+            for variant in args.variants:
+                steps = [needle_step(kind, workload, True, variant), torch_step(kind, workload, variant)]
+                if args.reference:
+                    steps.append(needle_step(kind, workload, False, variant))
+                if variant != "uni" and uni_ms is None:
+                    steps.append(needle_step(kind, workload, True, "uni"))
+                times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
+                if variant == "uni":
+                    uni_ms = times[0]
+                elif uni_ms is None:
+                    uni_ms = times[-1]
+                flops = step_flops(kind, *workload, directions=2 if variant == "bi" else 1)
+                gflops = flops / (times[0] / 1e3) / 1e9
+                line = (f"{kind:5} {name:8} {variant:7} {times[0]:10.2f} {times[1]:10.2f} "
+                        f"{times[0] / times[1]:6.2f} {gflops:8.1f} {100 * gflops / peak:6.0f}%")
+                if args.reference:
+                    line += f" {times[2]:13.2f}"
+                if variant != "uni":
+                    line += f" {times[0] / uni_ms:7.2f}"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

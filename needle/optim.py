@@ -27,7 +27,10 @@ class Optimizer:
         """Rescale all gradients together so that their global L2 norm is at most max_norm; returns the
         norm before clipping."""
         grads = [p.grad.realize_cached_data() for p in self.params if p.grad is not None]
-        total = math.sqrt(sum(float((g.x.astype("float64") ** 2).sum()) for g in grads))
+        # vdot is one BLAS pass per gradient, no temporaries; float64 only if float32 squares overflow
+        total = math.sqrt(sum(float(g.device.xp.vdot(g.x, g.x)) for g in grads))
+        if not math.isfinite(total):
+            total = math.sqrt(sum(float((g.x.astype("float64") ** 2).sum()) for g in grads))
         if total > max_norm:
             scale = max_norm / (total + 1e-6)
             for p in self.params:
@@ -41,6 +44,13 @@ class Optimizer:
 
     def load_state_dict(self, state):
         pass
+
+
+def _add_scaled(w, g, alpha):
+    """w + alpha * g as a new array, with one temporary less than the expression."""
+    out = g.x * float(alpha)  # a numpy float64 alpha would promote float32 to float64
+    out += w.x
+    return NDArray.from_xp(out, w.device)
 
 
 def _grad_with_decay(p, weight_decay):
@@ -65,7 +75,7 @@ class SGD(Optimizer):
                 u = self.u.get(i)
                 g = g * (1 - self.momentum) if u is None else u * self.momentum + g * (1 - self.momentum)
                 self.u[i] = g
-            p.cached_data = p.realize_cached_data() - g * self.lr
+            p.cached_data = _add_scaled(p.realize_cached_data(), g, -self.lr)
 
     def state_dict(self):
         return {f"u.{i}": u.numpy() for i, u in self.u.items()}
@@ -80,32 +90,32 @@ class Adam(Optimizer):
     def __init__(self, params, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         super().__init__(params)
         self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, beta1, beta2, eps, weight_decay
-        self.t = 0
+        self.t = {}  # steps per parameter: one without a gradient does not count (PyTorch's state["step"])
         self.m, self.v = {}, {}
 
     def step(self):
-        self.t += 1
         b1, b2 = self.beta1, self.beta2
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
+            t = self.t[i] = self.t.get(i, 0) + 1
             g = _grad_with_decay(p, self.weight_decay)
             m = g * (1 - b1) if i not in self.m else self.m[i] * b1 + g * (1 - b1)
             v = g * g * (1 - b2) if i not in self.v else self.v[i] * b2 + g * g * (1 - b2)
             self.m[i], self.v[i] = m, v
-            m_hat = m / (1 - b1 ** self.t)
-            v_hat = v / (1 - b2 ** self.t)
+            m_hat = m / (1 - b1 ** t)
+            v_hat = v / (1 - b2 ** t)
             p.cached_data = p.realize_cached_data() - m_hat / (v_hat ** 0.5 + self.eps) * self.lr
 
     def state_dict(self):
-        state = {"t": self.t}
+        state = {f"t.{i}": t for i, t in self.t.items()}
         state.update({f"m.{i}": m.numpy() for i, m in self.m.items()})
         state.update({f"v.{i}": v.numpy() for i, v in self.v.items()})
         return state
 
     def load_state_dict(self, state):
-        self.t = int(state.get("t", 0))
         n = len(self.params)
+        self.t = {i: int(state[f"t.{i}"]) for i in range(n) if f"t.{i}" in state}
         self.m = {i: _like(self.params[i], state[f"m.{i}"]) for i in range(n) if f"m.{i}" in state}
         self.v = {i: _like(self.params[i], state[f"v.{i}"]) for i in range(n) if f"v.{i}" in state}
 

@@ -50,7 +50,9 @@ def epoch_general_ptb(data, model, seq_len=40, loss_fn=nn.SoftmaxLoss(), opt=Non
             tokens = y.shape[0]
             batch_loss = float(loss.numpy()) * tokens
             total_loss += batch_loss
-            total_correct += int((logits.numpy().argmax(axis=1) == y.numpy()).sum())
+            # the backend arrays themselves: .numpy() would copy the (tokens, vocab) logits first
+            predicted = logits.realize_cached_data().x.argmax(axis=1)
+            total_correct += int((predicted == y.realize_cached_data().x).sum())
             total_tokens += tokens
             if progress is not None:
                 progress(tokens, batch_loss)

@@ -475,6 +475,7 @@ def test_first_nonfinite_names_the_earliest_step_and_layer():
     assert first_nonfinite(flow) == {"step": 1, "layer": 0}
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_exploding_gradients_are_reported(corpus, tmp_path, capsys):
     """A huge learning rate drives the weights to inf; the run names where dL/dh_t first went bad."""
     out = tmp_path / "boom"

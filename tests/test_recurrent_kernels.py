@@ -40,8 +40,9 @@ def _make(kind, T, B, I, H, bias, dtype, seed=0):
     return {k: (None if v is None else v.astype(dtype)) for k, v in p.items()}
 
 
-def _torch_ref(kind, p, use_dY=True, use_dhn=True, use_dcn=True):
-    """Run torch.nn in float64 and return outputs and gradients in needle layouts."""
+def _torch_ref(kind, p, use_dY=True, use_dhn=True, use_dcn=True, lengths=None):
+    """Run torch.nn in float64 and return outputs and gradients in needle layouts.
+    lengths (sorted, longest first): pack_padded_sequence -> module -> pad_packed_sequence."""
     T, B, I = p["X"].shape
     H = p["W_hh"].shape[0]
     bias = p["b_ih"] is not None
@@ -61,11 +62,17 @@ def _torch_ref(kind, p, use_dY=True, use_dhn=True, use_dcn=True):
             m.bias_hh_l0.copy_(t64(p["b_hh"]))
     X = t64(p["X"]).requires_grad_()
     h0 = t64(p["h0"])[None].requires_grad_()
+    inp = X
+    if lengths is not None:
+        lens = torch.as_tensor(np.asarray(lengths))
+        inp = torch.nn.utils.rnn.pack_padded_sequence(X, lens, enforce_sorted=True)
     if kind == "lstm":
         c0 = t64(p["c0"])[None].requires_grad_()
-        Y, (hn, cn) = m(X, (h0, c0))
+        Y, (hn, cn) = m(inp, (h0, c0))
     else:
-        Y, hn = m(X, h0)
+        Y, hn = m(inp, h0)
+    if lengths is not None:
+        Y, _ = torch.nn.utils.rnn.pad_packed_sequence(Y, total_length=T)
     loss = hn.sum() * 0
     if use_dY:
         loss = loss + (Y * t64(p["dY"])).sum()
@@ -83,24 +90,26 @@ def _torch_ref(kind, p, use_dY=True, use_dhn=True, use_dcn=True):
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-def _ours(kind, p, use_dY=True, use_dhn=True, use_dcn=True):
+def _ours(kind, p, use_dY=True, use_dhn=True, use_dcn=True, back=None, **options):
+    """Our forward (with keyword options) and backward (with keyword options `back`)."""
     dY = p["dY"] if use_dY else None
     dhn = p["dh_n"] if use_dhn else None
     dcn = p["dc_n"] if use_dcn else None
     w = (p["W_ih"], p["W_hh"], p["b_ih"], p["b_hh"])
+    back = back or {}
     if kind.startswith("rnn"):
-        Y, hn, saved = K.rnn_forward(p["X"], p["h0"], *w, nonlinearity=kind[4:])
-        g = K.rnn_backward(dY, dhn, saved)
+        Y, hn, saved = K.rnn_forward(p["X"], p["h0"], *w, nonlinearity=kind[4:], **options)
+        g = K.rnn_backward(dY, dhn, saved, **back)
         out = dict(Y=Y, h_n=hn)
         names = ("dX", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
     elif kind == "lstm":
-        Y, hn, cn, saved = K.lstm_forward(p["X"], p["h0"], p["c0"], *w)
-        g = K.lstm_backward(dY, dhn, dcn, saved)
+        Y, hn, cn, saved = K.lstm_forward(p["X"], p["h0"], p["c0"], *w, **options)
+        g = K.lstm_backward(dY, dhn, dcn, saved, **back)
         out = dict(Y=Y, h_n=hn, c_n=cn)
         names = ("dX", "dh0", "dc0", "dW_ih", "dW_hh", "db_ih", "db_hh")
     else:
-        Y, hn, saved = K.gru_forward(p["X"], p["h0"], *w)
-        g = K.gru_backward(dY, dhn, saved)
+        Y, hn, saved = K.gru_forward(p["X"], p["h0"], *w, **options)
+        g = K.gru_backward(dY, dhn, saved, **back)
         out = dict(Y=Y, h_n=hn)
         names = ("dX", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
     assert len(g) == len(names)
@@ -196,3 +205,238 @@ def test_float32_stays_float32(kind):
     for a in saved:
         if isinstance(a, np.ndarray):
             assert a.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("use_dY", [True, False], ids=["dY", "noDY"])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_other_code_paths(kind, use_dY, dtype, monkeypatch):
+    """The size-dependent paths: W_hh @ dA^T instead of a W_hh^T copy, one-step blocks."""
+    monkeypatch.setattr(K, "_WT_COPY_MAX", 0)
+    monkeypatch.setattr(K, "_BLOCK_BYTES", 1)
+    p = _make(kind, 9, 5, 7, 6, True, dtype, seed=4)
+    ours, _ = _ours(kind, p, use_dY=use_dY)
+    _compare(ours, _torch_ref(kind, p, use_dY=use_dY), dtype, True)
+
+
+# ------------------------------------------------------------------------------------------
+# lengths, recompute_every, grad_sq
+# ------------------------------------------------------------------------------------------
+
+LENGTHS = {  # B = 6 sequences, T = 9 steps, sorted longest first
+    "mixed": [9, 7, 7, 4, 2, 1],
+    "oneshort": [9, 9, 9, 9, 9, 3],
+    "allshort": [6, 5, 3, 3, 1, 1],
+}
+
+
+# _PACK_MIN_MACS: 0 = the GEMMs run over the packed active rows, huge = over all rows (padded zero)
+PACK = {"packed": 0, "padded": 1 << 62}
+
+
+@pytest.mark.parametrize("pack", list(PACK))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("lens", list(LENGTHS))
+@pytest.mark.parametrize("kind", list(GATES))
+def test_lengths_against_torch_packed(kind, lens, dtype, pack, monkeypatch):
+    """Y (zero past each length), h_n, c_n and every gradient, dh0 and dc0 included."""
+    monkeypatch.setattr(K, "_PACK_MIN_MACS", PACK[pack])
+    p = _make(kind, 9, 6, 5, 4, True, dtype, seed=5)
+    lengths = np.array(LENGTHS[lens])
+    ours, _ = _ours(kind, p, lengths=lengths)
+    _compare(ours, _torch_ref(kind, p, lengths=lengths), dtype, True)
+    pad = np.arange(9)[:, None] >= lengths[None, :]
+    assert (ours["Y"][pad] == 0).all() and (ours["dX"][pad] == 0).all()
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+def test_lengths_paths_and_none_upstreams(kind, monkeypatch):
+    """lengths with the W_hh @ dA^T path, one-step blocks, no bias, dY or dh_n given as None,
+    and recompute_every; dY at padded positions is ignored (NaN there changes nothing)."""
+    monkeypatch.setattr(K, "_WT_COPY_MAX", 0)
+    monkeypatch.setattr(K, "_BLOCK_BYTES", 1)
+    lengths = np.array(LENGTHS["mixed"])
+    p = _make(kind, 9, 6, 5, 4, False, np.float64, seed=6)
+    nan = dict(p, dY=p["dY"].copy())
+    nan["dY"][np.arange(9)[:, None] >= lengths[None, :]] = np.nan
+    for flags in (dict(use_dY=False), dict(use_dhn=False, use_dcn=False), {}):
+        ref = _torch_ref(kind, p, lengths=lengths, **flags)
+        for k in (None, 2):
+            for pack in PACK.values():
+                monkeypatch.setattr(K, "_PACK_MIN_MACS", pack)
+                ours, _ = _ours(kind, nan, lengths=lengths, recompute_every=k, **flags)
+                _compare(ours, ref, np.float64, False)
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+def test_full_lengths_are_the_plain_path(kind):
+    p = _make(kind, 5, 3, 4, 3, True, np.float32, seed=7)
+    plain, _ = _ours(kind, p)
+    full, _ = _ours(kind, p, lengths=[5, 5, 5])
+    for name, v in plain.items():
+        np.testing.assert_array_equal(full[name], v, err_msg=name)
+
+
+RECOMPUTE_K = [1, 2, 3, 9, 14]   # T = 9
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lens", [None, "mixed", "allshort", "mixed-packed"])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_recompute_is_bitwise_identical(kind, lens, dtype, monkeypatch):
+    if lens == "mixed-packed":
+        monkeypatch.setattr(K, "_PACK_MIN_MACS", 0)
+        lens = "mixed"
+    lengths = None if lens is None else np.array(LENGTHS[lens])
+    p = _make(kind, 9, 6, 5, 7, True, dtype, seed=8)
+    g_ref = np.zeros((9, 6), dtype)
+    ref, _ = _ours(kind, p, lengths=lengths, back=dict(grad_sq=g_ref))
+    for k in RECOMPUTE_K:
+        g = np.zeros((9, 6), dtype)
+        ours, saved = _ours(kind, p, lengths=lengths, recompute_every=k, back=dict(grad_sq=g))
+        for name, v in ref.items():
+            if v is None:
+                assert ours[name] is None
+            else:
+                np.testing.assert_array_equal(ours[name], v, err_msg="%s k=%d" % (name, k))
+        np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recompute_bitwise_on_awkward_gemm_shapes(kind):
+    """Shapes where, with this machine's OpenBLAS, a segment-sized projection GEMM differs from the
+    all-steps one in the last bits (Y itself would differ); the one-GEMM recomputation does not."""
+    p = _make(kind, 40, 3, 50, 50, True, np.float32, seed=9)
+    ref, _ = _ours(kind, p)
+    for k in (3, 7):
+        ours, _ = _ours(kind, p, recompute_every=k)
+        for name, v in ref.items():
+            np.testing.assert_array_equal(ours[name], v, err_msg="%s k=%d" % (name, k))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recompute_saved_memory(kind):
+    """saved keeps no (T, B, G*H) arrays under recompute: only Y's buffer, X, weight-sized copies
+    and (LSTM) c at steps 0, k, 2k, ..."""
+    T, B, I, H, k = 24, 5, 4, 6, 5
+    p = _make(kind, T, B, I, H, True, np.float32, seed=10)
+    ours, saved = _ours(kind, p, recompute_every=k)
+    X, Hs = saved[0], saved[3]
+    assert Hs.shape == (T + 1, B, H) and np.shares_memory(Hs, ours["Y"])   # Y's own buffer
+    extra = [a for a in saved[4:-1] if isinstance(a, np.ndarray)] + [
+        a for a in saved[-1].values() if isinstance(a, np.ndarray)]
+    assert [a.shape for a in extra if a.size >= T * B * H] == []
+    if kind == "lstm":
+        assert saved[-1]["ck"].shape == (-(-T // k), B, H)
+    _, plain = _ours(kind, p)
+    plain_extra = sum(a.nbytes for a in plain[4:] if isinstance(a, np.ndarray))
+    assert plain_extra > 8 * sum(a.nbytes for a in extra)
+
+
+@pytest.mark.parametrize("lens", [None, "mixed"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recompute_per_segment_mode(kind, lens, monkeypatch):
+    """_RECOMPUTE_EXACT = False: O(k) memory in the backward; equal to rounding, and to torch."""
+    monkeypatch.setattr(K, "_RECOMPUTE_EXACT", False)
+    monkeypatch.setattr(K, "_PACK_MIN_MACS", 0)        # packing applies to the one-GEMM mode only
+    lengths = None if lens is None else np.array(LENGTHS[lens])
+    for dtype, tol in ((np.float64, dict(rtol=1e-12, atol=1e-13)), (np.float32, dict(rtol=1e-5, atol=1e-6))):
+        p = _make(kind, 9, 6, 5, 7, True, dtype, seed=11)
+        ref, _ = _ours(kind, p, lengths=lengths)
+        for k in (1, 4, 9, 12):
+            ours, saved = _ours(kind, p, lengths=lengths, recompute_every=k)
+            assert saved[-1]["exact"] is False
+            for name, v in ref.items():
+                np.testing.assert_allclose(ours[name], v, err_msg="%s k=%d" % (name, k), **tol)
+    ours, _ = _ours(kind, p, lengths=lengths, recompute_every=4)
+    _compare(ours, _torch_ref(kind, p, lengths=lengths), np.float32, True)
+
+
+def _torch_grad_sq(kind, p, lengths, use_dhn=True):
+    """||dL/dh_t||^2 per step and row from torch cells unrolled by hand (retain_grad on each h_t),
+    finished sequences masked out as in a packed sequence; loss as in _torch_ref."""
+    T, B, I = p["X"].shape
+    H = p["W_hh"].shape[0]
+    t64 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
+    if kind.startswith("rnn"):
+        cell = torch.nn.RNNCell(I, H, nonlinearity=kind[4:])
+    else:
+        cell = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}[kind](I, H)
+    cell = cell.double()
+    with torch.no_grad():
+        cell.weight_ih.copy_(t64(p["W_ih"].T))
+        cell.weight_hh.copy_(t64(p["W_hh"].T))
+        cell.bias_ih.copy_(t64(p["b_ih"]))
+        cell.bias_hh.copy_(t64(p["b_hh"]))
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    active = t64(np.arange(T)[:, None] < lengths[None, :])
+    h, c = t64(p["h0"]), t64(p["c0"])
+    loss, probes = 0, []
+    for t in range(T):
+        m = active[t][:, None]
+        if kind == "lstm":
+            hn, cn = cell(t64(p["X"][t]), (h, c))
+            c = cn * m + c * (1 - m)
+        else:
+            hn = cell(t64(p["X"][t]), h)
+        hn.retain_grad()
+        probes.append(hn)
+        h = hn * m + h * (1 - m)
+        loss = loss + (hn * m * t64(p["dY"][t])).sum()
+    if use_dhn:
+        loss = loss + (h * t64(p["dh_n"])).sum()
+    if kind == "lstm":
+        loss = loss + (c * t64(p["dc_n"])).sum()
+    loss.backward()
+    return np.stack([(q.grad ** 2).sum(1).numpy() * active[t].numpy() for t, q in enumerate(probes)])
+
+
+@pytest.mark.parametrize("lens", [None, "mixed"])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_grad_sq_against_torch_cells(kind, lens, monkeypatch):
+    lengths = None if lens is None else np.array(LENGTHS[lens])
+    p = _make(kind, 9, 6, 5, 4, True, np.float64, seed=12)
+    expected = _torch_grad_sq(kind, p, lengths)
+    plain, _ = _ours(kind, p, lengths=lengths)
+    for k in (None, 4):
+        for paths in ((), (("_WT_COPY_MAX", 0), ("_BLOCK_BYTES", 1), ("_PACK_MIN_MACS", 0))):
+            with monkeypatch.context() as mp:
+                for name, value in paths:
+                    mp.setattr(K, name, value)
+                g = np.zeros((9, 6))
+                ours, _ = _ours(kind, p, lengths=lengths, recompute_every=k, back=dict(grad_sq=g))
+            np.testing.assert_allclose(g, expected, rtol=1e-9, atol=1e-12)
+            for name, v in plain.items():   # asking for grad_sq changes no gradient
+                np.testing.assert_allclose(ours[name], v, rtol=1e-12, atol=1e-13, err_msg=name)
+    # without dh_n, padded and ending rows see only dY
+    g = np.zeros((9, 6))
+    _ours(kind, p, lengths=lengths, use_dhn=False, back=dict(grad_sq=g))
+    np.testing.assert_allclose(g, _torch_grad_sq(kind, p, lengths, use_dhn=False), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+def test_grad_sq_plain_path_is_bitwise_plain(kind):
+    """On the plain path grad_sq goes through the general loop: same gradients, bit for bit."""
+    p = _make(kind, 7, 4, 3, 5, True, np.float32, seed=13)
+    plain, _ = _ours(kind, p)
+    ours, _ = _ours(kind, p, back=dict(grad_sq=np.zeros((7, 4), np.float32)))
+    for name, v in plain.items():
+        np.testing.assert_array_equal(ours[name], v, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+def test_option_errors_and_inputs_unmodified(kind):
+    p = _make(kind, 5, 3, 4, 3, True, np.float64, seed=14)
+    for bad in ([3, 5, 2], [5, 3, 0], [6, 3, 2], [5, 2.5, 1], [5, 3]):
+        with pytest.raises(ValueError, match="lengths"):
+            _ours(kind, p, lengths=bad)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="recompute_every"):
+            _ours(kind, p, recompute_every=bad)
+    with pytest.raises(ValueError, match="grad_sq"):
+        _ours(kind, p, back=dict(grad_sq=np.zeros((5, 2))))
+    copies = {name: v.copy() for name, v in p.items() if v is not None}
+    for k in (None, 2):
+        _ours(kind, p, lengths=[5, 4, 2], recompute_every=k, back=dict(grad_sq=np.zeros((5, 3))))
+    for name, v in copies.items():
+        np.testing.assert_array_equal(p[name], v, err_msg=name)

@@ -25,17 +25,52 @@ How it is made fast (see /work/shared/PERF_NOTES.md):
   * hidden states live in one (T+1, B, H) buffer [h0, h_1, ..., h_T], so H_prev for the
     dW_hh GEMM is a free view and Y is a view as well;
   * sigmoid(x) = 0.5 * tanh(x / 2) + 0.5, and the 1/2 is folded into (exact) scaled copies
-    of the sigmoid gates' weight columns, so a step does ONE tanh over all its gates;
-  * gate columns are reordered internally so that the gates that share an operation are
-    adjacent: LSTM uses (o, i, f, g) -- sigmoid gates o,i,f are one slice in the forward, and
-    i,f,g (all scaled by dc) one slice in the backward; the GRU keeps (n, r, z) for the input
-    side and torch's (r, z, n) for the hidden side of a 4H-wide gradient buffer
-    [da_n | da_r | da_z | d(hW_hn)], so both weight-gradient GEMMs read plain slices;
+    of the sigmoid gates' weight columns, so one tanh serves sigmoid and tanh gates alike
+    (LSTM: one tanh over all 4H pre-activations of a step; GRU: one over r and z);
+  * gate columns are reordered internally so that gates sharing an operation are one slice:
+    the LSTM forward keeps (i, f, o, g) (one slice of sigmoids) and its backward writes
+    torch's (i, f, g, o) (i, f, g are all scaled by dc); the GRU keeps (n, r, z) on the input
+    side and torch's (r, z, n) on the hidden side of one 4H-wide gradient buffer
+    [da_n | da_r | da_z | d(h W_hn + b_hn)], so both weight-gradient GEMMs read plain slices;
   * in the backward, every factor that does not depend on the recurrence (sigmoid and tanh
     derivatives times the other operand of each product) is computed in bulk, block by
     block of time steps while the block is hot in cache, straight into the gradient
     buffer; a step then only does its GEMM and a few in-place multiplies;
-  * preallocated buffers, out= and in-place ufuncs; a contiguous W_hh^T for the backward.
+  * preallocated buffers, out= and in-place ufuncs; a contiguous W_hh^T for the backward
+    (a skinny GEMM with a transposed operand runs at about half speed); bias gradients as
+    a GEMV with a ones vector (multithreaded, unlike a numpy sum).
+
+Options (all default to None; with none given the kernels run the plain code above, untouched):
+  * lengths (forwards): int array (B,), sorted non-increasing, values in [1, T] (PyTorch's packed
+    sequences). Step t runs only its b_t = count(lengths > t) leading rows ([:b_t] slices, no
+    compute-then-mask); Y[t, b] = 0 for t >= lengths[b]; h_n[b] (c_n[b]) is the state after step
+    lengths[b] - 1. The backward ignores dY at padded positions, lets dh_n[b] (dc_n[b]) enter at step
+    lengths[b] - 1 (the running dh/dc rows of a sequence are not touched before it becomes active).
+    The big GEMMs (the input projection before the loop; dX, dW_ih, dW_hh and the bias sums after
+    it) run over the active rows only, packed to the front of their buffers (gate gradients in
+    place, X and H_prev as copies), where the padded rows would cost at least _PACK_MIN_MACS
+    multiply-adds; otherwise over all T*B rows, with the padded rows of the gate-gradient buffer
+    zeroed.
+  * recompute_every (forwards): k >= 1. `saved` keeps no per-step gates, activations or projection:
+    only what Y holds anyway (the forward's h states: Y is a view of the (T+1, B, H) state buffer that
+    saved references) and, for the LSTM, c at steps 0, k, 2k, ... The backward walks segments of k
+    steps from last to first, recomputes a segment's gates (and c) from its checkpoint with exactly
+    the forward's operations, then runs that segment's BPTT. Because h_{t-1} is in Y, the GRU and RNN
+    need no checkpoints (the RNN's backward needs nothing but Y: for it k changes nothing).
+    With _RECOMPUTE_EXACT (the default) results are bitwise identical to recompute_every=None: the
+    backward redoes the forward's one input-projection GEMM into its (T, B, G*H) gradient buffer (which
+    the plain backward allocates too) and takes the weight gradients as the same GEMMs over it after the
+    loop. A segment-sized GEMM or a sum of per-segment weight-gradient GEMMs is not bitwise equal to one
+    GEMM over all T*B rows (OpenBLAS' edge kernels and K blocking depend on the shapes; a sum of
+    partial GEMMs adds in another order), so bitwise identity costs that one O(T) transient buffer
+    while a layer is differentiated; what stays saved between forward and backward is O(T/k) besides
+    Y. With _RECOMPUTE_EXACT = False the forward and backward project segment by segment and the
+    backward accumulates dW_ih, dW_hh and the biases per segment and writes dX per segment: O(k)
+    transient memory, results equal to rounding (about 1e-7 relative in float32), not bitwise.
+  * grad_sq (backwards): a float array (T, B) that the backward fills with ||dL/dh_t||^2 per step and
+    row, summed over hidden units, where dL/dh_t is the total gradient reaching h_t (dY[t] plus the
+    recurrent part, plus dh_n at a sequence's last step): one einsum per step on the active rows;
+    zero at padded positions.
 """
 
 import numpy as np
@@ -82,22 +117,213 @@ def _blocks(T, row_bytes):
     return out
 
 
-def _weight_grads(Xf, Hprev, dG):
-    """dW_ih = X^T dG and dW_hh = H_prev^T dG (each (rows, GH))."""
-    return Xf.T @ dG, Hprev.T @ dG
+def _transpose(W):
+    """Contiguous copy of W.T, copied in slabs of 16 rows: numpy's plain transposing copy
+    is about 3x slower on power-of-two shapes (cache-set conflicts)."""
+    R, C = W.shape
+    out = np.empty((C, R), W.dtype)
+    for i in range(0, R, 16):
+        out[:, i:i + 16] = W[i:i + 16].T
+    return out
+
+
+# For the backward's per-step GEMM dA_t @ W_hh^T: below this many weights a contiguous copy
+# of W_hh^T is fastest; above it, W_hh @ dA_t^T (the caller's W_hh as it is, no transposed
+# copy to make) followed by a small transposed read of the (H, B) result is as fast or
+# faster per step and saves the copy (1-16 ms on the medium and large workloads).
+_WT_COPY_MAX = 1 << 18
+
+
+def _col_sum(dG):
+    """Column sums of a (rows, n) matrix as a GEMV with ones (multithreaded in BLAS)."""
+    return np.ones(dG.shape[0], dG.dtype) @ dG
+
+
+def _bias_grads(dG, has_bi, has_bh):
+    db = _col_sum(dG) if (has_bi or has_bh) else None
+    return (db.copy() if has_bi else None), (db if has_bh else None)
+
+
+def _gates(W, H, order, scale=None):
+    """Copy of W (..., G*H) with its H-wide column blocks in `order`, optionally each block
+    multiplied by a scalar from `scale` (the 1/2 of sigmoid-by-tanh, exact)."""
+    out = np.empty(W.shape, W.dtype)
+    for j, k in enumerate(order):
+        src, dst = W[..., k * H:(k + 1) * H], out[..., j * H:(j + 1) * H]
+        if scale is None or scale[j] == 1:
+            dst[...] = src
+        else:
+            np.multiply(src, scale[j], out=dst)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Options: lengths, recompute_every, grad_sq
+# ----------------------------------------------------------------------------------------
+
+# recompute_every: True keeps the results bitwise identical to recompute_every=None (one
+# input-projection GEMM and one gradient buffer over all steps in the backward: O(T) transient
+# memory while the layer is differentiated); False projects and reduces segment by segment (O(k)
+# transient memory, results equal to rounding only). See the module docstring.
+_RECOMPUTE_EXACT = True
+
+
+def _active_rows(lengths, T, B):
+    """Check `lengths`; return (bt, lens): bt the list of active rows b_t of each step, lens the
+    int64 lengths; (None, None) when lengths is None or every sequence is full (the plain path then
+    computes the same thing)."""
+    if lengths is None or B == 0:
+        return None, None
+    raw = np.asarray(lengths)
+    if raw.shape != (B,):
+        raise ValueError("lengths must have shape (%d,), got %s" % (B, raw.shape))
+    if raw.dtype.kind not in "iuf":
+        raise TypeError("lengths must be integers, got dtype %s" % raw.dtype)
+    lens = raw.astype(np.int64)
+    L = lens.tolist()              # plain Python from here: B and T are small next to the work
+    if (raw.dtype.kind == "f" and (lens != raw).any()) or min(L) < 1 or max(L) > T:
+        raise ValueError("lengths must be whole numbers in [1, T=%d], got %s" % (T, raw.tolist()))
+    if any(a < b for a, b in zip(L, L[1:])):
+        raise ValueError("lengths must be sorted in non-increasing order, got %s" % L)
+    if L[-1] == T:
+        return None, None
+    bt, b = [], B
+    for t in range(T):
+        while b and L[b - 1] <= t:
+            b -= 1
+        bt.append(b)
+    return bt, lens
+
+
+def _every(k):
+    """Check recompute_every: None or a positive int."""
+    if k is None:
+        return None
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError("recompute_every must be a positive int or None, got %r" % (k,))
+    return int(k)
+
+
+def _grad_sq(gs, T, B):
+    if gs is None:
+        return None
+    if not isinstance(gs, np.ndarray) or gs.shape != (T, B) or gs.dtype.kind != "f":
+        raise ValueError("grad_sq must be a float numpy array of shape (%d, %d)" % (T, B))
+    return gs
+
+
+def _finals(S, lens):
+    """The state after each sequence's last step: S[T] (or S[lens[b], b]) as a fresh array."""
+    if lens is None:
+        return S[S.shape[0] - 1].copy()
+    return S[lens, np.arange(S.shape[1])]
+
+
+def _project(X2, W, b, out=None):
+    """X2 @ W, then + b: the forward's input projection (one GEMM, the bias added after it)."""
+    P = np.matmul(X2, W, out=out)
+    if b is not None:
+        P += b
+    return P
+
+
+def _segments(T, k):
+    return [(lo, min(T, lo + k)) for lo in range(0, T, k)]
+
+
+# With lengths, the input projection and the dX and weight-gradient GEMMs run over the active rows
+# only (packed to the front of their buffers) when the padded rows would cost at least this many
+# multiply-adds; below it (the copies would cost more than they save) over all T*B rows, the padded
+# rows of the gate-gradient buffer zeroed. Decided once in the forward, kept in saved.
+_PACK_MIN_MACS = 1 << 20
+
+
+def _pack(A2, bt, B, out):
+    """Rows [t*B, t*B + bt[t]) of A2 (T*B, n), step after step, to the front of `out` (which may
+    be A2 itself: the rows only move towards the front). Returns the packed (sum(bt), n) view."""
+    off = 0
+    for t, b in enumerate(bt):
+        if out is not A2 or off != t * B:
+            out[off:off + b] = A2[t * B:t * B + b]
+        off += b
+    return out[:off]
+
+
+def _unpack(A2, bt, B):
+    """Inverse of _pack in place: A2[:sum(bt)] back to rows [t*B, t*B + bt[t]), zeros elsewhere."""
+    off = sum(bt)
+    for t in range(len(bt) - 1, -1, -1):
+        b = bt[t]
+        off -= b
+        if off != t * B:
+            A2[t * B:t * B + b] = A2[off:off + b]
+        A2[t * B + b:(t + 1) * B] = 0
+
+
+def _packs(bt, B, I, H, GH):
+    """Whether the big GEMMs run over the packed active rows only (see _PACK_MIN_MACS)."""
+    if bt is None:
+        return False
+    return (len(bt) * B - sum(bt)) * (I + H) * GH >= _PACK_MIN_MACS
+
+
+def _packed_input(X2, bt, B, pack):
+    """The active rows of X2 (T*B, I) packed (a copy) when pack, else None."""
+    return _pack(X2, bt, B, np.empty((sum(bt), X2.shape[1]), X2.dtype)) if pack else None
+
+
+def _project_into(X2, W, bias, out2, bt, B, Xg):
+    """out2 (T*B, n) = X2 @ W + bias as one GEMM: over the packed active rows Xg when given
+    (padded rows of out2 then hold only the bias), else over all rows."""
+    if Xg is None:
+        np.matmul(X2, W, out=out2)
+    else:
+        np.matmul(Xg, W, out=out2[:len(Xg)])
+        _unpack(out2, bt, B)
+    if bias is not None:
+        out2 += bias
+    return out2
+
+
+def _grad_rows(dG, X2, Hs, bt, B, pack, Xg=None):
+    """(dG, Xg, Hg) for the GEMMs after the backward loop: the gradient rows (packed in place when
+    pack) and the matching rows of X and of H_prev = Hs[:T]."""
+    T, H = len(bt), Hs.shape[2]
+    Hp = Hs[:T].reshape(T * B, H)
+    if not pack:
+        return dG, X2, Hp
+    dG = _pack(dG, bt, B, dG)
+    if Xg is None:
+        Xg = _packed_input(X2, bt, B, True)
+    return dG, Xg, _pack(Hp, bt, B, np.empty((len(dG), H), Hp.dtype))
+
+
+def _input_grad(dG, Wt, T, B, bt, pack):
+    """dX (T, B, I) = dG @ Wt; over the packed rows when pack (padded rows of dX zero)."""
+    if not pack:
+        return (dG @ Wt).reshape(T, B, Wt.shape[1])
+    dX = np.empty((T, B, Wt.shape[1]), dG.dtype)
+    d2 = dX.reshape(T * B, Wt.shape[1])
+    np.matmul(dG, Wt, out=d2[:len(dG)])
+    _unpack(d2, bt, B)
+    return dX
 
 
 # ----------------------------------------------------------------------------------------
 # Elman RNN
 # ----------------------------------------------------------------------------------------
 
-def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", lengths=None,
+                recompute_every=None):
     """Elman RNN over a whole sequence.
 
     Returns (Y, h_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in saved;
     h_n is a fresh copy of h_T.
     saved = (X, W_ih, W_hh, Hs, relu, has_b_ih, has_b_hh) where Hs is the (T+1, B, H) buffer
-    [h0, h_1, ..., h_T]: O(T*B*H) memory besides X.
+    [h0, h_1, ..., h_T]: nothing besides X and Y (Hs[1:]).
+    lengths: see the module docstring; saved then has an 8th entry {"bt": active rows per step,
+    "pack": whether the big GEMMs run over the packed active rows}; padded rows of Hs are zero.
+    recompute_every: checked, and otherwise without effect: the backward needs nothing but Y.
     """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError("nonlinearity must be 'tanh' or 'relu', got %r" % (nonlinearity,))
@@ -105,6 +331,11 @@ def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     T, B, I = X.shape
     H = W_hh.shape[0]
     relu = nonlinearity == "relu"
+    if lengths is not None or recompute_every is not None:
+        _every(recompute_every)
+        bt, lens = _active_rows(lengths, T, B)
+        if bt is not None:
+            return _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens)
     Hs = np.empty((T + 1, B, H), dt)
     Hs[0] = _h0(h0, B, H, dt)
     # pre-activations of all steps: one GEMM, biases folded in
@@ -126,8 +357,11 @@ def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     return Hs[1:], Hs[T].copy(), saved
 
 
-def rnn_backward(dY, dh_n, saved):
-    """BPTT for rnn_forward. Returns (dX, dh0, dW_ih, dW_hh, db_ih, db_hh)."""
+def rnn_backward(dY, dh_n, saved, grad_sq=None):
+    """BPTT for rnn_forward. Returns (dX, dh0, dW_ih, dW_hh, db_ih, db_hh).
+    grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring)."""
+    if len(saved) > 7 or grad_sq is not None:
+        return _rnn_backward_general(dY, dh_n, saved, grad_sq)
     X, W_ih, W_hh, Hs, relu, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -141,8 +375,12 @@ def rnn_backward(dY, dh_n, saved):
     else:
         dA = np.multiply(Y, Y)
         np.subtract(1, dA, out=dA)
-    WhhT = np.ascontiguousarray(W_hh.T)
     g = np.empty((B, H), dt)
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)
+    else:
+        gT = np.empty((H, B), dt)
     for t in range(T - 1, -1, -1):
         # g = dL/dh_t = dY[t] + (dL/da_{t+1}) W_hh^T
         if t == T - 1:
@@ -150,18 +388,112 @@ def rnn_backward(dY, dh_n, saved):
                 g.fill(0)
             else:
                 g[...] = dh_n
+            if dY is not None:
+                g += dY[t]
         else:
-            np.matmul(dA[t + 1], WhhT, out=g)
-        if dY is not None:
-            g += dY[t]
+            if small:
+                np.matmul(dA[t + 1], WhhT, out=g)
+                if dY is not None:
+                    g += dY[t]
+            else:
+                np.matmul(W_hh, dA[t + 1].T, out=gT)
+                if dY is not None:
+                    np.add(gT.T, dY[t], out=g)
+                else:
+                    g[...] = gT.T
         dA[t] *= g
-    dh0 = dA[0] @ WhhT
+    dh0 = dA[0] @ W_hh.T
     dG = dA.reshape(T * B, H)
     dX = (dG @ W_ih.T).reshape(T, B, I)
-    dW_ih, dW_hh = _weight_grads(X.reshape(T * B, I), Hs[:T].reshape(T * B, H), dG)
-    db = dG.sum(axis=0) if (has_bi or has_bh) else None
-    db_ih = db.copy() if has_bi else None
-    db_hh = db if has_bh else None
+    dW_ih = X.reshape(T * B, I).T @ dG
+    dW_hh = Hs[:T].reshape(T * B, H).T @ dG
+    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
+
+
+def _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens):
+    """rnn_forward with lengths: step t runs rows [:bt[t]] only; padded rows of Hs stay zero."""
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    Hs = np.zeros((T + 1, B, H), dt)
+    Hs[0] = _h0(h0, B, H, dt)
+    X2 = X.reshape(T * B, I)
+    pack = _packs(bt, B, I, H, H)
+    A = np.empty((T, B, H), dt)
+    _project_into(X2, W_ih, None, A.reshape(T * B, H), bt, B, _packed_input(X2, bt, B, pack))
+    if b_ih is not None:
+        A += _arr(b_ih, dt)
+    if b_hh is not None:
+        A += _arr(b_hh, dt)
+    tmp = np.empty((B, H), dt)
+    for t in range(T):
+        b = bt[t]
+        a = A[t, :b]
+        tb = tmp[:b]
+        np.matmul(Hs[t, :b], W_hh, out=tb)
+        a += tb
+        if relu:
+            np.maximum(a, 0, out=Hs[t + 1, :b])
+        else:
+            np.tanh(a, out=Hs[t + 1, :b])
+    saved = (X, W_ih, W_hh, Hs, relu, b_ih is not None, b_hh is not None, {"bt": bt, "pack": pack})
+    return Hs[1:], _finals(Hs, lens), saved
+
+
+def _rnn_backward_general(dY, dh_n, saved, grad_sq):
+    """rnn_backward with lengths and/or grad_sq: the plain loop on the active rows of each step."""
+    X, W_ih, W_hh, Hs, relu, has_bi, has_bh, *ext = saved
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    ext = ext[0] if ext else {}
+    bt = ext.get("bt") or [B] * T
+    pack = ext.get("pack", False)           # else padded rows of dA are zeroed
+    gs = _grad_sq(grad_sq, T, B)
+    Y = Hs[1:]
+    dY = _arr(dY, dt)
+    dh_n = _arr(dh_n, dt)
+    if relu:
+        dA = np.greater(Y, 0).astype(dt)
+    else:
+        dA = np.multiply(Y, Y)
+        np.subtract(1, dA, out=dA)
+    # the running dL/dh: a sequence's row keeps dh_n until its last step t = lengths - 1
+    g = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)
+    else:
+        gT = np.empty((H, B), dt)
+    for t in range(T - 1, -1, -1):
+        b = bt[t]
+        b1 = bt[t + 1] if t + 1 < T else 0      # rows still going at step t + 1
+        if b1:
+            if small:
+                np.matmul(dA[t + 1, :b1], WhhT, out=g[:b1])
+            else:
+                gt = gT[:, :b1]
+                np.matmul(W_hh, dA[t + 1, :b1].T, out=gt)
+                g[:b1] = gt.T
+        gb = g[:b]
+        if dY is not None:
+            gb += dY[t, :b]
+        if gs is not None:
+            gs[t, :b] = np.einsum("ij,ij->i", gb, gb)
+        d = dA[t, :b]
+        d *= gb
+        if b < B:
+            if not pack:
+                dA[t, b:] = 0
+            if gs is not None:
+                gs[t, b:] = 0
+    dh0 = dA[0] @ W_hh.T
+    dG, Xg, Hg = _grad_rows(dA.reshape(T * B, H), X.reshape(T * B, I), Hs, bt, B, pack)
+    dX = _input_grad(dG, W_ih.T, T, B, bt, pack)
+    dW_ih = Xg.T @ dG
+    dW_hh = Hg.T @ dG
+    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
     return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -169,46 +501,54 @@ def rnn_backward(dY, dh_n, saved):
 # LSTM
 # ----------------------------------------------------------------------------------------
 
-def _lstm_int(W, H):
-    """torch column order (i, f, g, o) -> internal (o, i, f, g) (a copy)."""
-    return np.roll(W, H, axis=-1)
+# The forward keeps its gates in the order (i, f, o, g): the three sigmoids are one slice.
+# The backward writes gradients in torch's order (i, f, g, o): the three gates scaled by dc
+# are one slice, and the weight/bias gradients come out in torch's order with no copy.
+_LSTM_FWD = (0, 1, 3, 2)          # torch block index of each forward block
+_LSTM_SCALE = (0.5, 0.5, 0.5, 1)  # sigmoid blocks pre-scaled by 1/2
 
 
-def _lstm_ext(W, H):
-    """internal (o, i, f, g) -> torch (i, f, g, o) (a copy)."""
-    return np.roll(W, -H, axis=-1)
-
-
-def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None):
+def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
     """LSTM over a whole sequence.
 
     Returns (Y, h_n, c_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in
     saved; h_n and c_n are fresh copies.
     saved = (X, W_ih, W_hh, Hs, Cs, Gt, TC, has_b_ih, has_b_hh):
       Hs (T+1, B, H) = [h0, h_1..h_T];  Cs (T+1, B, H) = [c0, c_1..c_T];
-      Gt (T, B, 4H) = activated gates in internal column order (o, i, f, g);
-      TC (T, B, H) = tanh(c_t).   O(T*B*4H) memory besides X.
+      Gt (T, B, 4H) = activated gates, column blocks (i, f, o, g);
+      TC (T, B, H) = tanh(c_t).   O(T*B*7H) memory besides X (W_* are the caller's arrays);
+      Hs[1:] is Y, so 6H of it beyond Y.
+    With lengths (module docstring) saved has a 10th entry, a dict with "bt" (active rows per
+    step) and "pack"; padded rows of Hs, Cs, TC are zero.
+    With recompute_every=k, saved = (X, W_ih, W_hh, Hs, None, None, None, has_b_ih, has_b_hh,
+    ext), ext holding "ck" (ceil(T/k), B, H) = c at steps 0, k, 2k, ..., the gate-reordered
+    weight copies "Wi" (I, 4H) and "Wh" (H, 4H), the folded bias "bias" (4H,), "bt", "pack", "k"
+    and "exact": O(T/k * B*H) beyond Y and X (plus weight-sized copies). h at the checkpoints
+    needs no copy: Hs (Y's buffer) holds every h_t, and a step's gates need only x_t and h_{t-1}.
+    The forward's projection (T, B, 4H) is transient (_RECOMPUTE_EXACT) or per segment (k, B, 4H);
+    the backward's transient memory: see the module docstring.
     """
     X, dt, W_ih, W_hh = _start(X, W_ih, W_hh)
     T, B, I = X.shape
     H = W_hh.shape[0]
-    H3 = 3 * H
-    # internal order (o, i, f, g); sigmoid columns pre-scaled by 1/2 (exact) so that
-    # one tanh gives tanh(a/2) there, and sigmoid(a) = 0.5 * tanh(a/2) + 0.5
-    Wi = _lstm_int(W_ih, H)
-    Wi[:, :H3] *= 0.5
-    Wh = _lstm_int(W_hh, H)
-    Wh[:, :H3] *= 0.5
-    Gt = np.matmul(X.reshape(T * B, I), Wi).reshape(T, B, 4 * H)
+    if lengths is not None or recompute_every is not None:
+        k = _every(recompute_every)
+        bt, lens = _active_rows(lengths, T, B)
+        if bt is not None or k is not None:
+            return _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k)
+    H2, H3 = 2 * H, 3 * H
+    # sigmoid(a) = 0.5 * tanh(a/2) + 0.5, with the 1/2 folded into copies of the sigmoid
+    # columns of the weights and bias: one tanh over all 4H pre-activations of a step
+    Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
+    Gt = np.matmul(X.reshape(T * B, I), _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE))
+    Gt = Gt.reshape(T, B, 4 * H)
     if b_ih is not None or b_hh is not None:
         b = np.zeros(4 * H, dt)
         if b_ih is not None:
             b += _arr(b_ih, dt)
         if b_hh is not None:
             b += _arr(b_hh, dt)
-        b = _lstm_int(b, H)
-        b[:H3] *= 0.5
-        Gt += b
+        Gt += _gates(b, H, _LSTM_FWD, _LSTM_SCALE)
     Hs = np.empty((T + 1, B, H), dt)
     Cs = np.empty((T + 1, B, H), dt)
     TC = np.empty((T, B, H), dt)
@@ -219,9 +559,9 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None):
     # per-step views made once, in C
     Gl = list(Gt)
     Sl = list(Gt[:, :, :H3])
-    Ol = list(Gt[:, :, :H])
-    Il = list(Gt[:, :, H:2 * H])
-    Fl = list(Gt[:, :, 2 * H:H3])
+    Il = list(Gt[:, :, :H])
+    Fl = list(Gt[:, :, H:H2])
+    Ol = list(Gt[:, :, H2:H3])
     GGl = list(Gt[:, :, H3:])
     Hl = list(Hs)
     Cl = list(Cs)
@@ -245,15 +585,18 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None):
     return Hs[1:], Hs[T].copy(), Cs[T].copy(), saved
 
 
-def lstm_backward(dY, dh_n, dc_n, saved):
+def lstm_backward(dY, dh_n, dc_n, saved, grad_sq=None):
     """BPTT for lstm_forward. Returns (dX, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh).
+    grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring).
 
-    With the recurrence-independent factors P (computed in bulk):
-        da_o = dh * [tanh(c) o(1-o)]        da_i = dc * [g i(1-i)]
-        da_f = dc * [c_prev f(1-f)]         da_g = dc * [i (1-g^2)]
-        dc   = dc_next + dh * [o (1-tanh(c)^2)],   dc_prev = dc * f
-        dh_prev = da @ W_hh^T
+    With the recurrence-independent factors [...] computed in bulk (block by block of steps):
+        da_i = dc * [g i(1-i)]      da_f = dc * [c_prev f(1-f)]     da_g = dc * [i (1-g^2)]
+        da_o = dh * [tanh(c) o(1-o)]
+        dc   = dc_next + dh * [o (1-tanh(c)^2)],   dc_prev = dc * f,   dh_prev = da @ W_hh^T
+    da is stored in torch's order (i, f, g, o): i, f, g take one broadcast multiply by dc.
     """
+    if len(saved) > 9 or grad_sq is not None:
+        return _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq)
     X, W_ih, W_hh, Hs, Cs, Gt, TC, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -262,105 +605,368 @@ def lstm_backward(dY, dh_n, dc_n, saved):
     dY = _arr(dY, dt)
     dh_n = _arr(dh_n, dt)
     dc_n = _arr(dc_n, dt)
-    WhhT = np.ascontiguousarray(_lstm_int(W_hh, H).T)  # (4H, H), internal row order
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)                      # (4H, H)
+    else:
+        gT = np.empty((H, B), dt)
 
-    dA = np.empty((T, B, H4), dt)   # gate gradients, internal order (o, i, f, g)
-    K = np.empty((T, B, H), dt)     # o * (1 - tanh(c)^2)
-    dA3 = dA.reshape(T, B, 4, H)[:, :, 1:, :]    # (i, f, g) block as (T, B, 3, H)
-    dAo = dA[:, :, :H]
+    dA = np.empty((T, B, H4), dt)    # gate pre-activation gradients (i, f, g, o)
+    Kc = np.empty((T, B, H), dt)     # o * (1 - tanh(c)^2)
+    dA3 = dA.reshape(T, B, 4, H)[:, :, :3, :]        # (i, f, g) as (T, B, 3, H)
+    dAo = dA[:, :, H3:]
+    F = Gt[:, :, H:H2]
     dh = np.empty((B, H), dt)
     dc = np.zeros((B, H), dt) if dc_n is None else dc_n.copy()
     tmp = np.empty((B, H), dt)
-    mul = np.multiply
+    mul, sub = np.multiply, np.subtract
 
-    for lo, hi in _blocks(T, B * H4 * dt.itemsize * 3):
-        # ---- bulk, recurrence-independent factors for steps lo..hi-1 ----
-        G = Gt[lo:hi]
-        D = dA[lo:hi]
-        o, i, f, g = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:H3], G[:, :, H3:]
+    for lo, hi in _blocks(T, B * H4 * dt.itemsize):
+        # ---- recurrence-independent factors of steps lo..hi-1, written into dA ----
+        G = Gt[lo:hi]                                  # (i, f, o, g)
+        D = dA[lo:hi]                                  # (i, f, g, o)
+        i, f, o, g = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:H3], G[:, :, H3:]
         tc = TC[lo:hi]
-        S = G[:, :, :H3]
-        Ds = D[:, :, :H3]
-        mul(S, S, out=Ds)
-        np.subtract(S, Ds, out=Ds)                  # s (1 - s) for o, i, f
-        D[:, :, :H] *= tc
-        D[:, :, H:H2] *= g
-        D[:, :, H2:H3] *= Cs[lo:hi]                 # c_{t-1}
-        Dg = D[:, :, H3:]
+        Dif, Dg, Do = D[:, :, :H2], D[:, :, H2:H3], D[:, :, H3:]
+        Kb = Kc[lo:hi]
+        mul(G[:, :, :H2], G[:, :, :H2], out=Dif)
+        sub(G[:, :, :H2], Dif, out=Dif)                # s(1-s) for i, f
+        mul(o, o, out=Do)
+        sub(o, Do, out=Do)                             # s(1-s) for o
         mul(g, g, out=Dg)
-        np.subtract(1, Dg, out=Dg)
+        sub(1, Dg, out=Dg)                             # 1 - g^2
+        D[:, :, :H] *= g
+        D[:, :, H:H2] *= Cs[lo:hi]                     # c_{t-1}
         Dg *= i
-        Kb = K[lo:hi]
+        Do *= tc
         mul(tc, tc, out=Kb)
-        np.subtract(1, Kb, out=Kb)
+        sub(1, Kb, out=Kb)
         Kb *= o
         # ---- the recurrence over this block ----
         for t in range(hi - 1, lo - 1, -1):
+            # dh = dL/dh_t = dY[t] + da_{t+1} @ W_hh^T
             if t == T - 1:
                 if dh_n is None:
                     dh.fill(0)
                 else:
                     dh[...] = dh_n
-            else:
+                if dY is not None:
+                    dh += dY[t]
+            elif small:
                 np.matmul(dA[t + 1], WhhT, out=dh)
-            if dY is not None:
-                dh += dY[t]
-            mul(dh, K[t], out=tmp)
+                if dY is not None:
+                    dh += dY[t]
+            else:
+                np.matmul(W_hh, dA[t + 1].T, out=gT)
+                if dY is not None:
+                    np.add(gT.T, dY[t], out=dh)
+                else:
+                    dh[...] = gT.T
+            mul(dh, Kc[t], out=tmp)
             dc += tmp
             dAo[t] *= dh
             dA3[t] *= dc[:, None, :]
-            dc *= Gt[t, :, H2:H3]                   # dc_{t-1} = dc_t * f_t
+            dc *= F[t]                                # dc_{t-1} = dc_t * f_t
 
-    dh0 = dA[0] @ WhhT
-    dc0 = dc
+    dh0 = dA[0] @ W_hh.T
     dG = dA.reshape(T * B, H4)
-    dX = (dG @ _lstm_int(W_ih, H).T).reshape(T, B, I)
-    dW_ih, dW_hh = _weight_grads(X.reshape(T * B, I), Hs[:T].reshape(T * B, H), dG)
-    dW_ih = _lstm_ext(dW_ih, H)
-    dW_hh = _lstm_ext(dW_hh, H)
-    db = _lstm_ext(dG.sum(axis=0), H) if (has_bi or has_bh) else None
-    db_ih = db.copy() if has_bi else None
-    db_hh = db if has_bh else None
-    return dX, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh
+    dX = (dG @ W_ih.T).reshape(T, B, I)
+    dW_ih = X.reshape(T * B, I).T @ dG
+    dW_hh = Hs[:T].reshape(T * B, H).T @ dG
+    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    return dX, dh0, dc, dW_ih, dW_hh, db_ih, db_hh
+
+
+def _lstm_bias(b_ih, b_hh, H, dt):
+    """b_ih + b_hh in the forward's gate order and scaling, as lstm_forward folds it; or None."""
+    if b_ih is None and b_hh is None:
+        return None
+    b = np.zeros(4 * H, dt)
+    if b_ih is not None:
+        b += _arr(b_ih, dt)
+    if b_hh is not None:
+        b += _arr(b_hh, dt)
+    return _gates(b, H, _LSTM_FWD, _LSTM_SCALE)
+
+
+def _lstm_steps(G, Cl, TCl, Hs, Wh, lo, bt, tmp4, tmp, write_h):
+    """Steps lo, lo+1, ..., lo+len(G)-1 of lstm_forward's loop, with exactly its operations, on
+    the first bt[t] rows of each step (all rows when bt is None).
+    G (n, B, 4H): pre-activations (gate order i, f, o, g), activated in place. Cl: n+1 arrays
+    (B, H), Cl[0] = c before step lo, Cl[j+1] receives c after step lo+j (they may all be one
+    array, updated in place). TCl: n arrays (B, H) receiving tanh(c). Reads h_t from Hs[t];
+    writes Hs[t+1] when write_h."""
+    H = Wh.shape[0]
+    H2, H3 = 2 * H, 3 * H
+    B = G.shape[1]
+    mul = np.multiply
+    for j in range(G.shape[0]):
+        t = lo + j
+        b = B if bt is None else bt[t]
+        g4 = G[j, :b]
+        t4 = tmp4[:b]
+        np.matmul(Hs[t, :b], Wh, out=t4)
+        g4 += t4
+        np.tanh(g4, out=g4)
+        s = g4[:, :H3]
+        s *= 0.5
+        s += 0.5
+        c = Cl[j + 1][:b]
+        mul(g4[:, H:H2], Cl[j][:b], out=c)
+        tb = tmp[:b]
+        mul(g4[:, :H], g4[:, H3:], out=tb)
+        c += tb
+        tc = TCl[j][:b]
+        np.tanh(c, out=tc)
+        if write_h:
+            mul(g4[:, H2:H3], tc, out=Hs[t + 1, :b])
+
+
+def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
+    """lstm_forward with lengths (bt, lens) and/or recompute_every (k)."""
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H4 = 4 * H
+    Wi = _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE)
+    Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
+    bias = _lstm_bias(b_ih, b_hh, H, dt)
+    X2 = X.reshape(T * B, I)
+    alloc = np.empty if bt is None else np.zeros     # padded rows stay zero
+    Hs = alloc((T + 1, B, H), dt)
+    Hs[0] = _h0(h0, B, H, dt)
+    tmp4 = np.empty((B, H4), dt)
+    tmp = np.empty((B, H), dt)
+    has = (b_ih is not None, b_hh is not None)
+    pack = _packs(bt, B, I, H, H4)
+    if k is None or _RECOMPUTE_EXACT:
+        Gt = np.empty((T, B, H4), dt)
+        _project_into(X2, Wi, bias, Gt.reshape(T * B, H4), bt, B, _packed_input(X2, bt, B, pack))
+    if k is None:
+        Cs = alloc((T + 1, B, H), dt)
+        Cs[0] = _h0(c0, B, H, dt)
+        TC = alloc((T, B, H), dt)
+        _lstm_steps(Gt, list(Cs), list(TC), Hs, Wh, 0, bt, tmp4, tmp, True)
+        saved = (X, W_ih, W_hh, Hs, Cs, Gt, TC) + has + ({"bt": bt, "pack": pack},)
+        return Hs[1:], _finals(Hs, lens), _finals(Cs, lens), saved
+    # recompute: c runs in one (B, H) array (a row stops changing after its sequence's last
+    # step, so it ends as c_n), checkpointed at the start of every segment
+    exact = _RECOMPUTE_EXACT
+    segs = _segments(T, k)
+    ck = np.empty((len(segs), B, H), dt)
+    c = _h0(c0, B, H, dt).copy()
+    tc = np.empty((B, H), dt)
+    if not exact:
+        Gs = np.empty((min(k, T), B, H4), dt)
+    for s, (lo, hi) in enumerate(segs):
+        ck[s] = c
+        if exact:
+            G = Gt[lo:hi]
+        else:
+            G = Gs[:hi - lo]
+            _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H4))
+        _lstm_steps(G, [c] * (hi - lo + 1), [tc] * (hi - lo), Hs, Wh, lo, bt, tmp4, tmp, True)
+    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "ck": ck, "Wi": Wi, "Wh": Wh,
+           "bias": bias}
+    saved = (X, W_ih, W_hh, Hs, None, None, None) + has + (ext,)
+    return Hs[1:], _finals(Hs, lens), c, saved
+
+
+def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
+    """lstm_backward with lengths, recompute and/or grad_sq: lstm_backward's operations on the
+    active rows of each step, segment by segment (recompute) or over the whole sequence."""
+    X, W_ih, W_hh, Hs, Cs, Gt, TC, has_bi, has_bh, *ext = saved
+    ext = ext[0] if ext else {}
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    bt = ext.get("bt") or [B] * T
+    k = ext.get("k")
+    exact = k is None or ext["exact"]
+    gs = _grad_sq(grad_sq, T, B)
+    dY = _arr(dY, dt)
+    dh_n = _arr(dh_n, dt)
+    dc_n = _arr(dc_n, dt)
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)                      # (4H, H)
+    else:
+        gT = np.empty((H, B), dt)
+    X2 = X.reshape(T * B, I)
+    # running dL/dh and dL/dc: a sequence's rows keep dh_n, dc_n until its last step
+    dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
+    dc = np.zeros((B, H), dt) if dc_n is None else dc_n.copy()
+    tmp = np.empty((B, H), dt)
+    mul, sub = np.multiply, np.subtract
+    row_bytes = B * H4 * dt.itemsize
+    dA = np.empty((T, B, H4), dt) if exact else None  # gate gradients (i, f, g, o), all steps
+    pack = ext.get("pack", False)                     # else padded rows of dA are zeroed
+    Xg = _packed_input(X2, bt, B, pack)
+    if k is None:
+        segs = [(0, T)]
+        Kc = np.empty((T, B, H), dt)
+    else:
+        segs = _segments(T, k)
+        n0 = min(k, T)
+        Wi, Wh, bias, ck = ext["Wi"], ext["Wh"], ext["bias"], ext["ck"]
+        # segment buffers; zeros so that rows a segment leaves unwritten are finite
+        Gs = np.zeros((n0, B, H4), dt)
+        Cg = np.zeros((n0 + 1, B, H), dt)
+        TCg = np.zeros((n0, B, H), dt)
+        Kc = np.empty((n0, B, H), dt)
+        tmp4 = np.empty((B, H4), dt)
+        if exact:
+            # the forward's projection GEMM again, into the gradient buffer
+            _project_into(X2, Wi, None, dA.reshape(T * B, H4), bt, B, Xg)
+        else:
+            Dpp = (np.empty((n0, B, H4), dt), np.empty((n0, B, H4), dt))
+            dX = np.empty((T, B, I), dt)
+            dW_ih = np.zeros((I, H4), dt)
+            dW_hh = np.zeros((H, H4), dt)
+            db = np.zeros(H4, dt) if (has_bi or has_bh) else None
+    nxt = None                                       # gate gradients of step t + 1
+    for si in range(len(segs) - 1, -1, -1):
+        slo, shi = segs[si]
+        n = shi - slo
+        # arrays of this segment, indexed by j = t - slo
+        if k is None:
+            G, C, TCa, D, K = Gt, Cs, TC, dA, Kc
+        else:
+            G = Gs[:n]
+            if exact:
+                D = dA[slo:shi]
+                if bias is not None:
+                    np.add(D, bias, out=G)
+                else:
+                    G[...] = D
+            else:
+                D = Dpp[si % 2][:n]
+                _project(X2[slo * B:shi * B], Wi, bias, out=G.reshape(n * B, H4))
+            C = Cg[:n + 1]
+            C[0] = ck[si]
+            TCa = TCg[:n]
+            K = Kc[:n]
+            _lstm_steps(G, list(C), list(TCa), Hs, Wh, slo, bt, tmp4, tmp, False)
+        for lo, hi in _blocks(n, row_bytes):
+            # ---- recurrence-independent factors (as lstm_backward), rows active in the block ----
+            bm = bt[slo + lo]
+            Gb = G[lo:hi, :bm]                         # (i, f, o, g)
+            Db = D[lo:hi, :bm]                         # (i, f, g, o)
+            i, o, g = Gb[:, :, :H], Gb[:, :, H2:H3], Gb[:, :, H3:]
+            tc = TCa[lo:hi, :bm]
+            Dif, Dg, Do = Db[:, :, :H2], Db[:, :, H2:H3], Db[:, :, H3:]
+            Kb = K[lo:hi, :bm]
+            mul(Gb[:, :, :H2], Gb[:, :, :H2], out=Dif)
+            sub(Gb[:, :, :H2], Dif, out=Dif)
+            mul(o, o, out=Do)
+            sub(o, Do, out=Do)
+            mul(g, g, out=Dg)
+            sub(1, Dg, out=Dg)
+            Db[:, :, :H] *= g
+            Db[:, :, H:H2] *= C[lo:hi, :bm]
+            Dg *= i
+            Do *= tc
+            mul(tc, tc, out=Kb)
+            sub(1, Kb, out=Kb)
+            Kb *= o
+            # ---- the recurrence over this block ----
+            for j in range(hi - 1, lo - 1, -1):
+                t = slo + j
+                b = bt[t]
+                b1 = bt[t + 1] if t + 1 < T else 0
+                if b1:
+                    if small:
+                        np.matmul(nxt[:b1], WhhT, out=dh[:b1])
+                    else:
+                        gt = gT[:, :b1]
+                        np.matmul(W_hh, nxt[:b1].T, out=gt)
+                        dh[:b1] = gt.T
+                dhb = dh[:b]
+                if dY is not None:
+                    dhb += dY[t, :b]
+                if gs is not None:
+                    gs[t, :b] = np.einsum("ij,ij->i", dhb, dhb)
+                dcb = dc[:b]
+                tb = tmp[:b]
+                mul(dhb, K[j, :b], out=tb)
+                dcb += tb
+                Dj = D[j]
+                do = Dj[:b, H3:]
+                do *= dhb
+                d3 = Dj[:b].reshape(b, 4, H)[:, :3, :]
+                mul(d3, dcb[:, None, :], out=d3)
+                dcb *= G[j, :b, H:H2]                   # dc_{t-1} = dc_t * f_t
+                if b < B:
+                    if not pack:
+                        Dj[b:] = 0
+                    if gs is not None:
+                        gs[t, b:] = 0
+                nxt = Dj
+        if not exact:
+            Df = D.reshape(n * B, H4)
+            rows = slice(slo * B, shi * B)
+            np.matmul(Df, W_ih.T, out=dX.reshape(T * B, I)[rows])
+            dW_ih += X2[rows].T @ Df
+            dW_hh += Hs[slo:shi].reshape(n * B, H).T @ Df
+            if db is not None:
+                db += _col_sum(Df)
+    dh0 = nxt @ W_hh.T
+    if exact:
+        dG, Xg, Hg = _grad_rows(dA.reshape(T * B, H4), X2, Hs, bt, B, pack, Xg)
+        dX = _input_grad(dG, W_ih.T, T, B, bt, pack)
+        dW_ih = Xg.T @ dG
+        dW_hh = Hg.T @ dG
+        db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    else:
+        db_ih = db.copy() if has_bi else None
+        db_hh = db if has_bh else None
+    return dX, dh0, dc, dW_ih, dW_hh, db_ih, db_hh
 
 
 # ----------------------------------------------------------------------------------------
 # GRU
 # ----------------------------------------------------------------------------------------
 
-def _gru_int(W, H):
-    """torch column order (r, z, n) -> internal input-side order (n, r, z) (a copy)."""
-    return np.roll(W, H, axis=-1)
+# Input side in the order (n, r, z), hidden side in torch's (r, z, n): see gru_backward.
+_GRU_IN = (2, 0, 1)
+_GRU_IN_SCALE = (1, 0.5, 0.5)
+_GRU_IN_BACK = (1, 2, 0)          # (n, r, z) -> torch (r, z, n)
 
 
-def _gru_ext(W, H):
-    """internal (n, r, z) -> torch (r, z, n) (a copy)."""
-    return np.roll(W, -H, axis=-1)
-
-
-def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None):
+def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
     """GRU over a whole sequence.
 
     Returns (Y, h_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in saved;
     h_n is a fresh copy.
     saved = (X, W_ih, W_hh, Hs, Gt, HW, has_b_ih, has_b_hh):
       Hs (T+1, B, H) = [h0, h_1..h_T];
-      Gt (T, B, 3H) = activated gates in order (n, r, z);
-      HW (T, B, 3H) = h_{t-1} W_hh in torch order (r, z, n), with b_hn added to the n part
-                      (only the n part, h W_hn + b_hn, is used by the backward).
-      O(T*B*6H) memory besides X.
+      Gt (T, B, 3H) = activated gates, column blocks (n, r, z);
+      HW (T, B, 3H) = h_{t-1} W_hh in torch's order (r, z, n), with b_hn added to the n part
+                      (only that part, h W_hn + b_hn, is used by the backward).
+      O(T*B*7H) memory besides X; Hs[1:] is Y, so 6H of it beyond Y.
+    With lengths (module docstring) saved has a 9th entry, a dict with "bt" (active rows per
+    step) and "pack"; padded rows of Hs and HW are zero.
+    With recompute_every=k, saved = (X, W_ih, W_hh, Hs, None, None, has_b_ih, has_b_hh, ext),
+    ext holding the gate-reordered weight copies "Wi" (I, 3H), "Wh" (H, 3H), the folded biases
+    "bias" (3H,) and "b_hn" (H,), "bt", "pack", "k" and "exact": nothing growing with T beyond Y, X
+    (a step's gates need only x_t and h_{t-1}, which Y holds, so no checkpoints are needed; k sets
+    the size of the backward's segments). The forward's projection (T, B, 3H) is transient
+    (_RECOMPUTE_EXACT) or per segment (k, B, 3H).
     """
     X, dt, W_ih, W_hh = _start(X, W_ih, W_hh)
     T, B, I = X.shape
     H = W_hh.shape[0]
+    if lengths is not None or recompute_every is not None:
+        k = _every(recompute_every)
+        bt, lens = _active_rows(lengths, T, B)
+        if bt is not None or k is not None:
+            return _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k)
     H2, H3 = 2 * H, 3 * H
-    # input side in (n, r, z), hidden side in torch order (r, z, n); the sigmoid (r, z)
-    # columns are pre-scaled by 1/2 (exact): sigmoid(a) = 0.5 * tanh(a/2) + 0.5
-    Wi = _gru_int(W_ih, H)
-    Wi[:, H:] *= 0.5
-    Wh = W_hh.copy()
-    Wh[:, :H2] *= 0.5
-    Gt = np.matmul(X.reshape(T * B, I), Wi).reshape(T, B, H3)
+    # sigmoid(a) = 0.5 * tanh(a/2) + 0.5 with the 1/2 folded into the r, z weight columns
+    Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
+    Gt = np.matmul(X.reshape(T * B, I), _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE))
+    Gt = Gt.reshape(T, B, H3)
     b_hn = None
     if b_ih is not None or b_hh is not None:
         b = np.zeros(H3, dt)                      # torch order
@@ -370,14 +976,11 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None):
             bh = _arr(b_hh, dt)
             b[:H2] += bh[:H2]                     # b_hr, b_hz add straight in
             b_hn = bh[H2:]                        # b_hn sits inside r * (...)
-        b = _gru_int(b, H)
-        b[H:] *= 0.5
-        Gt += b
+        Gt += _gates(b, H, _GRU_IN, _GRU_IN_SCALE)
     Hs = np.empty((T + 1, B, H), dt)
     Hs[0] = _h0(h0, B, H, dt)
     HW = np.empty((T, B, H3), dt)
     tmp = np.empty((B, H), dt)
-    Gl = list(Gt)
     Nl = list(Gt[:, :, :H])
     RZl = list(Gt[:, :, H:])
     Rl = list(Gt[:, :, H:H2])
@@ -409,16 +1012,20 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None):
     return Hs[1:], Hs[T].copy(), saved
 
 
-def gru_backward(dY, dh_n, saved):
+def gru_backward(dY, dh_n, saved, grad_sq=None):
     """BPTT for gru_forward. Returns (dX, dh0, dW_ih, dW_hh, db_ih, db_hh).
+    grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring).
 
     The gradient buffer D (T, B, 4H) holds [da_n | da_r | da_z | d(h W_hn + b_hn)]; every
     entry is dh_t times a recurrence-independent factor P computed in bulk:
         P_n  = (1 - z)(1 - n^2)            P_r = P_n * (h W_hn + b_hn) * r(1 - r)
         P_z  = (h_prev - n) z(1 - z)       P_hn = P_n * r
     and dh_{t-1} = dY[t-1] + z * dh_t + D[t][:, H:] @ W_hh^T.
-    D[:, :3H] is the input-side gradient (n, r, z); D[:, H:] the hidden side (r, z, n).
+    D[:, :3H] is the input-side gradient (n, r, z), D[:, H:] the hidden side in torch's
+    order (r, z, n): both weight-gradient GEMMs read plain column slices of D.
     """
+    if len(saved) > 8 or grad_sq is not None:
+        return _gru_backward_general(dY, dh_n, saved, grad_sq)
     X, W_ih, W_hh, Hs, Gt, HW, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -426,7 +1033,11 @@ def gru_backward(dY, dh_n, saved):
     H2, H3, H4 = 2 * H, 3 * H, 4 * H
     dY = _arr(dY, dt)
     dh_n = _arr(dh_n, dt)
-    WhhT = np.ascontiguousarray(W_hh.T)            # (3H, H), torch row order (r, z, n)
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)                    # (3H, H), torch row order (r, z, n)
+    else:
+        gT = np.empty((H, B), dt)
 
     D = np.empty((T, B, H4), dt)
     D4 = D.reshape(T, B, 4, H)
@@ -434,9 +1045,9 @@ def gru_backward(dY, dh_n, saved):
     Z = Gt[:, :, H2:]
     dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
     tmp = np.empty((B, H), dt)
-    mul = np.multiply
+    mul, sub = np.multiply, np.subtract
 
-    for lo, hi in _blocks(T, B * H4 * dt.itemsize * 3):
+    for lo, hi in _blocks(T, B * H4 * dt.itemsize):
         G = Gt[lo:hi]
         n, r, z = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:]
         hn = HW[lo:hi, :, H2:]
@@ -444,37 +1055,279 @@ def gru_backward(dY, dh_n, saved):
         Pn, Pr, Pz, Phn = Db[:, :, :H], Db[:, :, H:H2], Db[:, :, H2:H3], Db[:, :, H3:]
         # P_n = (1 - z)(1 - n^2)
         mul(n, n, out=Pn)
-        np.subtract(1, Pn, out=Pn)
-        np.subtract(1, z, out=Pz)
+        sub(1, Pn, out=Pn)
+        sub(1, z, out=Pz)
         Pn *= Pz
-        # P_hn = P_n r ; P_r = P_hn hn (1 - r)
+        # P_hn = P_n r ;  P_r = P_hn hn (1 - r)
         mul(Pn, r, out=Phn)
-        np.subtract(1, r, out=Pr)
+        sub(1, r, out=Pr)
         Pr *= hn
         Pr *= Phn
         # P_z = (h_prev - n) z (1 - z)     (Pz holds 1 - z)
         Pz *= z
-        Pz *= np.subtract(Hs[lo:hi], n)
+        Pz *= sub(Hs[lo:hi], n)
         for t in range(hi - 1, lo - 1, -1):
             if t < T - 1:
                 # dh_t = dY[t] + z_{t+1} dh_{t+1} + D[t+1][:, H:] @ W_hh^T
-                np.matmul(Dh[t + 1], WhhT, out=tmp)
                 dh *= Z[t + 1]
-                dh += tmp
+                if small:
+                    np.matmul(Dh[t + 1], WhhT, out=tmp)
+                    dh += tmp
+                else:
+                    np.matmul(W_hh, Dh[t + 1].T, out=gT)
+                    dh += gT.T
             if dY is not None:
                 dh += dY[t]
             D4[t] *= dh[:, None, :]
 
-    dh0 = Dh[0] @ WhhT
+    dh0 = Dh[0] @ W_hh.T
     dh *= Z[0]
     dh0 += dh
     Df = D.reshape(T * B, H4)
-    dX = (Df[:, :H3] @ _gru_int(W_ih, H).T).reshape(T, B, I)
-    dW_ih = _gru_ext(X.reshape(T * B, I).T @ Df[:, :H3], H)
+    Din = Df[:, :H3]
+    dX = (Din @ _gates(W_ih, H, _GRU_IN).T).reshape(T, B, I)
+    dW_ih = _gates(X.reshape(T * B, I).T @ Din, H, _GRU_IN_BACK)
     dW_hh = Hs[:T].reshape(T * B, H).T @ Df[:, H:]
     if has_bi or has_bh:
-        S = Df.sum(axis=0)
-        db_ih = _gru_ext(S[:H3], H) if has_bi else None
+        S = _col_sum(Df)
+        db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
+        db_hh = S[H:].copy() if has_bh else None
+    else:
+        db_ih = db_hh = None
+    return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
+
+
+def _gru_bias(b_ih, b_hh, H, dt):
+    """(bias, b_hn) as gru_forward folds them: b_ih + (b_hr, b_hz) in the input side's order and
+    scaling, and b_hn apart; (None, None) without biases."""
+    if b_ih is None and b_hh is None:
+        return None, None
+    b = np.zeros(3 * H, dt)
+    b_hn = None
+    if b_ih is not None:
+        b += _arr(b_ih, dt)
+    if b_hh is not None:
+        bh = _arr(b_hh, dt)
+        b[:2 * H] += bh[:2 * H]
+        b_hn = bh[2 * H:]
+    return _gates(b, H, _GRU_IN, _GRU_IN_SCALE), b_hn
+
+
+def _gru_steps(G, HWl, Hs, Wh, b_hn, lo, bt, tmp, write_h):
+    """Steps lo, ..., lo+len(G)-1 of gru_forward's loop, with exactly its operations, on the first
+    bt[t] rows of each step (all when bt is None). G (n, B, 3H): input-side pre-activations
+    (n, r, z), activated in place; HWl: n arrays (B, 3H) receiving h_{t-1} W_hh (+ b_hn), possibly
+    all one array. Reads h_{t-1} from Hs[t]; writes Hs[t+1] when write_h."""
+    H = Wh.shape[0]
+    H2 = 2 * H
+    B = G.shape[1]
+    mul = np.multiply
+    for j in range(G.shape[0]):
+        t = lo + j
+        b = B if bt is None else bt[t]
+        hw = HWl[j][:b]
+        np.matmul(Hs[t, :b], Wh, out=hw)
+        hn = hw[:, H2:]
+        if b_hn is not None:
+            hn += b_hn
+        g = G[j, :b]
+        rz = g[:, H:]
+        rz += hw[:, :H2]
+        np.tanh(rz, out=rz)
+        rz *= 0.5
+        rz += 0.5
+        n = g[:, :H]
+        tb = tmp[:b]
+        mul(g[:, H:H2], hn, out=tb)
+        n += tb
+        np.tanh(n, out=n)
+        if write_h:
+            np.subtract(Hs[t, :b], n, out=tb)
+            tb *= g[:, H2:]
+            np.add(n, tb, out=Hs[t + 1, :b])
+
+
+def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
+    """gru_forward with lengths (bt, lens) and/or recompute_every (k)."""
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H3 = 3 * H
+    Wi = _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE)
+    Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
+    bias, b_hn = _gru_bias(b_ih, b_hh, H, dt)
+    X2 = X.reshape(T * B, I)
+    alloc = np.empty if bt is None else np.zeros     # padded rows stay zero
+    Hs = alloc((T + 1, B, H), dt)
+    Hs[0] = _h0(h0, B, H, dt)
+    tmp = np.empty((B, H), dt)
+    has = (b_ih is not None, b_hh is not None)
+    pack = _packs(bt, B, I, H, H3)
+    if k is None or _RECOMPUTE_EXACT:
+        Gt = np.empty((T, B, H3), dt)
+        _project_into(X2, Wi, bias, Gt.reshape(T * B, H3), bt, B, _packed_input(X2, bt, B, pack))
+    if k is None:
+        HW = alloc((T, B, H3), dt)
+        _gru_steps(Gt, list(HW), Hs, Wh, b_hn, 0, bt, tmp, True)
+        saved = (X, W_ih, W_hh, Hs, Gt, HW) + has + ({"bt": bt, "pack": pack},)
+        return Hs[1:], _finals(Hs, lens), saved
+    exact = _RECOMPUTE_EXACT
+    hw = np.empty((B, H3), dt)
+    if not exact:
+        Gs = np.empty((min(k, T), B, H3), dt)
+    for lo, hi in _segments(T, k):
+        if exact:
+            G = Gt[lo:hi]
+        else:
+            G = Gs[:hi - lo]
+            _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H3))
+        _gru_steps(G, [hw] * (hi - lo), Hs, Wh, b_hn, lo, bt, tmp, True)
+    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "Wi": Wi, "Wh": Wh, "bias": bias,
+           "b_hn": b_hn}
+    saved = (X, W_ih, W_hh, Hs, None, None) + has + (ext,)
+    return Hs[1:], _finals(Hs, lens), saved
+
+
+def _gru_backward_general(dY, dh_n, saved, grad_sq):
+    """gru_backward with lengths, recompute and/or grad_sq: gru_backward's operations on the
+    active rows of each step, segment by segment (recompute) or over the whole sequence."""
+    X, W_ih, W_hh, Hs, Gt, HW, has_bi, has_bh, *ext = saved
+    ext = ext[0] if ext else {}
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    bt = ext.get("bt") or [B] * T
+    k = ext.get("k")
+    exact = k is None or ext["exact"]
+    gs = _grad_sq(grad_sq, T, B)
+    dY = _arr(dY, dt)
+    dh_n = _arr(dh_n, dt)
+    small = W_hh.size <= _WT_COPY_MAX
+    if small:
+        WhhT = _transpose(W_hh)                    # (3H, H), torch row order (r, z, n)
+    else:
+        gT = np.empty((H, B), dt)
+    X2 = X.reshape(T * B, I)
+    dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
+    tmp = np.empty((B, H), dt)
+    mul, sub = np.multiply, np.subtract
+    row_bytes = B * H4 * dt.itemsize
+    D = np.empty((T, B, H4), dt) if exact else None   # [da_n | da_r | da_z | d(h W_hn + b_hn)]
+    pack = ext.get("pack", False)                      # else padded rows of D are zeroed
+    Xg = _packed_input(X2, bt, B, pack)
+    if k is None:
+        segs = [(0, T)]
+    else:
+        segs = _segments(T, k)
+        n0 = min(k, T)
+        Wi, Wh, bias, b_hn = ext["Wi"], ext["Wh"], ext["bias"], ext["b_hn"]
+        # two gate buffers: step t reads z_{t+1}, which may sit in the later segment's buffer
+        Gpp = (np.zeros((n0, B, H3), dt), np.zeros((n0, B, H3), dt))
+        HWg = np.zeros((n0, B, H3), dt)
+        if exact:
+            # the forward's projection GEMM again, into the input-side columns of D
+            _project_into(X2, Wi, None, D.reshape(T * B, H4)[:, :H3], bt, B, Xg)
+        else:
+            Dpp = (np.empty((n0, B, H4), dt), np.empty((n0, B, H4), dt))
+            dX = np.empty((T, B, I), dt)
+            Wi_in = _gates(W_ih, H, _GRU_IN)
+            dW_in = np.zeros((I, H3), dt)              # input side, order (n, r, z)
+            dW_hh = np.zeros((H, H3), dt)
+            S = np.zeros(H4, dt) if (has_bi or has_bh) else None
+    znext = Dnext = None                               # z and D of step t + 1
+    for si in range(len(segs) - 1, -1, -1):
+        slo, shi = segs[si]
+        n = shi - slo
+        # arrays of this segment, indexed by j = t - slo
+        if k is None:
+            G, HWa, Dl = Gt, HW, D
+        else:
+            G = Gpp[si % 2][:n]
+            if exact:
+                Dl = D[slo:shi]
+                if bias is not None:
+                    np.add(Dl[:, :, :H3], bias, out=G)
+                else:
+                    G[...] = Dl[:, :, :H3]
+            else:
+                Dl = Dpp[si % 2][:n]
+                _project(X2[slo * B:shi * B], Wi, bias, out=G.reshape(n * B, H3))
+            HWa = HWg[:n]
+            _gru_steps(G, list(HWa), Hs, Wh, b_hn, slo, bt, tmp, False)
+        D4 = Dl.reshape(n, B, 4, H)
+        for lo, hi in _blocks(n, row_bytes):
+            # ---- recurrence-independent factors (as gru_backward), rows active in the block ----
+            bm = bt[slo + lo]
+            Gb = G[lo:hi, :bm]
+            nn, r, z = Gb[:, :, :H], Gb[:, :, H:H2], Gb[:, :, H2:]
+            hn = HWa[lo:hi, :bm, H2:]
+            Db = Dl[lo:hi, :bm]
+            Pn, Pr, Pz, Phn = Db[:, :, :H], Db[:, :, H:H2], Db[:, :, H2:H3], Db[:, :, H3:]
+            mul(nn, nn, out=Pn)
+            sub(1, Pn, out=Pn)
+            sub(1, z, out=Pz)
+            Pn *= Pz
+            mul(Pn, r, out=Phn)
+            sub(1, r, out=Pr)
+            Pr *= hn
+            Pr *= Phn
+            Pz *= z
+            Pz *= sub(Hs[slo + lo:slo + hi, :bm], nn)
+            # ---- the recurrence over this block ----
+            for j in range(hi - 1, lo - 1, -1):
+                t = slo + j
+                b = bt[t]
+                b1 = bt[t + 1] if t + 1 < T else 0
+                if b1:
+                    # dh_t = dY[t] + z_{t+1} dh_{t+1} + D[t+1][:, H:] @ W_hh^T
+                    d1 = dh[:b1]
+                    d1 *= znext[:b1]
+                    if small:
+                        tb = tmp[:b1]
+                        np.matmul(Dnext[:b1, H:], WhhT, out=tb)
+                        d1 += tb
+                    else:
+                        gt = gT[:, :b1]
+                        np.matmul(W_hh, Dnext[:b1, H:].T, out=gt)
+                        d1 += gt.T
+                dhb = dh[:b]
+                if dY is not None:
+                    dhb += dY[t, :b]
+                if gs is not None:
+                    gs[t, :b] = np.einsum("ij,ij->i", dhb, dhb)
+                d4 = D4[j, :b]
+                mul(d4, dhb[:, None, :], out=d4)
+                if b < B:
+                    if not pack:
+                        D4[j, b:] = 0
+                    if gs is not None:
+                        gs[t, b:] = 0
+                znext = G[j, :, H2:]
+                Dnext = Dl[j]
+        if not exact:
+            Df = Dl.reshape(n * B, H4)
+            rows = slice(slo * B, shi * B)
+            Din = Df[:, :H3]
+            np.matmul(Din, Wi_in.T, out=dX.reshape(T * B, I)[rows])
+            dW_in += X2[rows].T @ Din
+            dW_hh += Hs[slo:shi].reshape(n * B, H).T @ Df[:, H:]
+            if S is not None:
+                S += _col_sum(Df)
+    dh0 = Dnext[:, H:] @ W_hh.T
+    dh *= znext
+    dh0 += dh
+    if exact:
+        Df, Xg, Hg = _grad_rows(D.reshape(T * B, H4), X2, Hs, bt, B, pack, Xg)
+        Din = Df[:, :H3]
+        dX = _input_grad(Din, _gates(W_ih, H, _GRU_IN).T, T, B, bt, pack)
+        dW_ih = _gates(Xg.T @ Din, H, _GRU_IN_BACK)
+        dW_hh = Hg.T @ Df[:, H:]
+        S = _col_sum(Df) if (has_bi or has_bh) else None
+    else:
+        dW_ih = _gates(dW_in, H, _GRU_IN_BACK)
+    if S is not None:
+        db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
         db_hh = S[H:].copy() if has_bh else None
     else:
         db_ih = db_hh = None

@@ -100,11 +100,11 @@ class Linear(Module):
 
     def forward(self, X):
         _check_features("Linear", X, self.in_features)
-        lead = X.shape[:-1]
-        out = ops.matmul(X.reshape((-1, self.in_features)), self.weight)
+        flat = X.ndim == 2  # the common case needs no reshape on either side of the matmul
+        out = ops.matmul(X if flat else X.reshape((-1, self.in_features)), self.weight)
         if self.bias is not None:
             out = out + ops.broadcast_to(self.bias, out.shape)
-        return out.reshape(lead + (self.out_features,))
+        return out if flat else out.reshape(X.shape[:-1] + (self.out_features,))
 
 
 class Flatten(Module):

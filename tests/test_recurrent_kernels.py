@@ -230,6 +230,10 @@ LENGTHS = {  # B = 6 sequences, T = 9 steps, sorted longest first
 }
 
 
+def _back_names(kind):
+    return ("dX", "dh0", "dc0") if kind == "lstm" else ("dX", "dh0")
+
+
 # _PACK_MIN_MACS: 0 = the GEMMs run over the packed active rows, huge = over all rows (padded zero)
 PACK = {"packed": 0, "padded": 1 << 62}
 
@@ -437,6 +441,11 @@ def test_option_errors_and_inputs_unmodified(kind):
         _ours(kind, p, back=dict(grad_sq=np.zeros((5, 2))))
     copies = {name: v.copy() for name, v in p.items() if v is not None}
     for k in (None, 2):
-        _ours(kind, p, lengths=[5, 4, 2], recompute_every=k, back=dict(grad_sq=np.zeros((5, 3))))
+        first, saved = _ours(kind, p, lengths=[5, 4, 2], recompute_every=k, back=dict(grad_sq=np.zeros((5, 3))))
+        # the backward does not consume `saved`: a second call gives the same gradients
+        ups = (p["dY"], p["dh_n"]) + ((p["dc_n"],) if kind == "lstm" else ())
+        again = getattr(K, kind[:4].rstrip("_") + "_backward")(*ups, saved)
+        for name, v in zip(_back_names(kind), again):
+            np.testing.assert_array_equal(v, first[name], err_msg=name)
     for name, v in copies.items():
         np.testing.assert_array_equal(p[name], v, err_msg=name)

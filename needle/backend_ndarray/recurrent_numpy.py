@@ -521,9 +521,8 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, reco
     With lengths (module docstring) saved has a 10th entry, a dict with "bt" (active rows per
     step) and "pack"; padded rows of Hs, Cs, TC are zero.
     With recompute_every=k, saved = (X, W_ih, W_hh, Hs, None, None, None, has_b_ih, has_b_hh,
-    ext), ext holding "ck" (ceil(T/k), B, H) = c at steps 0, k, 2k, ..., the gate-reordered
-    weight copies "Wi" (I, 4H) and "Wh" (H, 4H), the folded bias "bias" (4H,), "bt", "pack", "k"
-    and "exact": O(T/k * B*H) beyond Y and X (plus weight-sized copies). h at the checkpoints
+    ext), ext holding "ck" (ceil(T/k), B, H) = c at steps 0, k, 2k, ..., the folded bias "bias"
+    (4H,), "bt", "pack", "k" and "exact": O(T/k * B*H) beyond Y and X. h at the checkpoints
     needs no copy: Hs (Y's buffer) holds every h_t, and a step's gates need only x_t and h_{t-1}.
     The forward's projection (T, B, 4H) is transient (_RECOMPUTE_EXACT) or per segment (k, B, 4H);
     the backward's transient memory: see the module docstring.
@@ -766,8 +765,7 @@ def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
             G = Gs[:hi - lo]
             _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H4))
         _lstm_steps(G, [c] * (hi - lo + 1), [tc] * (hi - lo), Hs, Wh, lo, bt, tmp4, tmp, True)
-    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "ck": ck, "Wi": Wi, "Wh": Wh,
-           "bias": bias}
+    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "ck": ck, "bias": bias}
     saved = (X, W_ih, W_hh, Hs, None, None, None) + has + (ext,)
     return Hs[1:], _finals(Hs, lens), c, saved
 
@@ -809,7 +807,10 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
     else:
         segs = _segments(T, k)
         n0 = min(k, T)
-        Wi, Wh, bias, ck = ext["Wi"], ext["Wh"], ext["bias"], ext["ck"]
+        bias, ck = ext["bias"], ext["ck"]
+        # the forward's reordered, scaled weight copies, made again (exact: scaling by 1/2)
+        Wi = _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE)
+        Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
         # segment buffers; zeros so that rows a segment leaves unwritten are finite
         Gs = np.zeros((n0, B, H4), dt)
         Cg = np.zeros((n0 + 1, B, H), dt)
@@ -948,11 +949,11 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute
     With lengths (module docstring) saved has a 9th entry, a dict with "bt" (active rows per
     step) and "pack"; padded rows of Hs and HW are zero.
     With recompute_every=k, saved = (X, W_ih, W_hh, Hs, None, None, has_b_ih, has_b_hh, ext),
-    ext holding the gate-reordered weight copies "Wi" (I, 3H), "Wh" (H, 3H), the folded biases
-    "bias" (3H,) and "b_hn" (H,), "bt", "pack", "k" and "exact": nothing growing with T beyond Y, X
-    (a step's gates need only x_t and h_{t-1}, which Y holds, so no checkpoints are needed; k sets
-    the size of the backward's segments). The forward's projection (T, B, 3H) is transient
-    (_RECOMPUTE_EXACT) or per segment (k, B, 3H).
+    ext holding the folded biases "bias" (3H,) and "b_hn" (H,), "bt", "pack", "k" and "exact":
+    nothing beyond Y and X (a step's gates need only x_t and h_{t-1}, which Y holds, so no
+    checkpoints are needed; k sets the size of the backward's segments). The forward's projection
+    (T, B, 3H) is transient (_RECOMPUTE_EXACT) or per segment (k, B, 3H); the backward's transient
+    memory: see the module docstring.
     """
     X, dt, W_ih, W_hh = _start(X, W_ih, W_hh)
     T, B, I = X.shape
@@ -1182,8 +1183,7 @@ def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
             G = Gs[:hi - lo]
             _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H3))
         _gru_steps(G, [hw] * (hi - lo), Hs, Wh, b_hn, lo, bt, tmp, True)
-    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "Wi": Wi, "Wh": Wh, "bias": bias,
-           "b_hn": b_hn}
+    ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "bias": bias, "b_hn": b_hn}
     saved = (X, W_ih, W_hh, Hs, None, None) + has + (ext,)
     return Hs[1:], _finals(Hs, lens), saved
 
@@ -1221,7 +1221,9 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
     else:
         segs = _segments(T, k)
         n0 = min(k, T)
-        Wi, Wh, bias, b_hn = ext["Wi"], ext["Wh"], ext["bias"], ext["b_hn"]
+        bias, b_hn = ext["bias"], ext["b_hn"]
+        Wi = _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE)
+        Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
         # two gate buffers: step t reads z_{t+1}, which may sit in the later segment's buffer
         Gpp = (np.zeros((n0, B, H3), dt), np.zeros((n0, B, H3), dt))
         HWg = np.zeros((n0, B, H3), dt)

@@ -26,7 +26,7 @@ def worker(args):
 
     import needle as ndl
 
-    k = None if args.k == 0 else args.k
+    k = None if args.k[0] == 0 else args.k[0]
     result = {"k": k}
     try:
         np.random.seed(0)
@@ -63,8 +63,11 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--k", str(k), "--steps",
                    str(args.steps), "--batch", str(args.batch), "--hidden", str(args.hidden), "--budget-gib",
                    str(args.budget_gib)]
-        out = subprocess.run(command, capture_output=True, text=True).stdout.strip().splitlines()
-        r = json.loads(out[-1]) if out else {"k": k, "fits": False, "rss_peak_mib": float("nan")}
+        child = subprocess.run(command, capture_output=True, text=True)
+        out = child.stdout.strip().splitlines()
+        if not out:
+            sys.exit(f"recompute_every={k}: the worker failed:\n{child.stderr}")
+        r = json.loads(out[-1])
         label = "None" if k == 0 else str(k)
         traced = f"{r['traced_peak_mib']:16.0f}" if r["fits"] else f"{'-':>16}"
         seconds = f"{r['seconds']:8.1f}" if r["fits"] else f"{'-':>8}"

@@ -211,7 +211,9 @@ def test_bidirectional_layout():
 
 @pytest.mark.parametrize("k", [1, 3, 7, 50])
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
-def test_recompute_every_is_identical(kind, k):
+def test_recompute_every_equals_keeping_every_state(kind, k):
+    """Equal to float32 rounding: the recomputation projects and reduces segment by segment, so its GEMMs
+    add in another order than one GEMM over all steps."""
     module_cls, _, kwargs, cells_name = KINDS[kind]
     X = np.random.randn(13, 4, 3).astype(np.float32)
     lens = [13, 5, 9, 1]
@@ -224,7 +226,7 @@ def test_recompute_every_is_identical(kind, k):
         (out * out).sum().backward()
         results.append([out.numpy(), Xt.grad.numpy()] + all_param_grads(module, cells_name))
     for a, e in zip(*results):
-        np.testing.assert_array_equal(a, e)
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_recompute_every_must_be_positive():

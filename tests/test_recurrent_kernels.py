@@ -288,6 +288,7 @@ RECOMPUTE_K = [1, 2, 3, 9, 14]   # T = 9
 @pytest.mark.parametrize("lens", [None, "mixed", "allshort", "mixed-packed"])
 @pytest.mark.parametrize("kind", list(GATES))
 def test_recompute_is_bitwise_identical(kind, lens, dtype, monkeypatch):
+    monkeypatch.setattr(K, "_RECOMPUTE_EXACT", True)
     if lens == "mixed-packed":
         monkeypatch.setattr(K, "_PACK_MIN_MACS", 0)
         lens = "mixed"
@@ -307,9 +308,10 @@ def test_recompute_is_bitwise_identical(kind, lens, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_recompute_bitwise_on_awkward_gemm_shapes(kind):
+def test_recompute_bitwise_on_awkward_gemm_shapes(kind, monkeypatch):
     """Shapes where, with this machine's OpenBLAS, a segment-sized projection GEMM differs from the
     all-steps one in the last bits (Y itself would differ); the one-GEMM recomputation does not."""
+    monkeypatch.setattr(K, "_RECOMPUTE_EXACT", True)
     p = _make(kind, 40, 3, 50, 50, True, np.float32, seed=9)
     ref, _ = _ours(kind, p)
     for k in (3, 7):
@@ -340,7 +342,7 @@ def test_recompute_saved_memory(kind):
 @pytest.mark.parametrize("lens", [None, "mixed"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_recompute_per_segment_mode(kind, lens, monkeypatch):
-    """_RECOMPUTE_EXACT = False: O(k) memory in the backward; equal to rounding, and to torch."""
+    """_RECOMPUTE_EXACT = False (the default): O(k) memory in the backward; equal to rounding, and to torch."""
     monkeypatch.setattr(K, "_RECOMPUTE_EXACT", False)
     monkeypatch.setattr(K, "_PACK_MIN_MACS", 0)        # packing applies to the one-GEMM mode only
     lengths = None if lens is None else np.array(LENGTHS[lens])

@@ -57,16 +57,14 @@ Options (all default to None; with none given the kernels run the plain code abo
     steps from last to first, recomputes a segment's gates (and c) from its checkpoint with exactly
     the forward's operations, then runs that segment's BPTT. Because h_{t-1} is in Y, the GRU and RNN
     need no checkpoints (the RNN's backward needs nothing but Y: for it k changes nothing).
-    With _RECOMPUTE_EXACT (the default) results are bitwise identical to recompute_every=None: the
-    backward redoes the forward's one input-projection GEMM into its (T, B, G*H) gradient buffer (which
-    the plain backward allocates too) and takes the weight gradients as the same GEMMs over it after the
-    loop. A segment-sized GEMM or a sum of per-segment weight-gradient GEMMs is not bitwise equal to one
-    GEMM over all T*B rows (OpenBLAS' edge kernels and K blocking depend on the shapes; a sum of
-    partial GEMMs adds in another order), so bitwise identity costs that one O(T) transient buffer
-    while a layer is differentiated; what stays saved between forward and backward is O(T/k) besides
-    Y. With _RECOMPUTE_EXACT = False the forward and backward project segment by segment and the
-    backward accumulates dW_ih, dW_hh and the biases per segment and writes dX per segment: O(k)
-    transient memory, results equal to rounding (about 1e-7 relative in float32), not bitwise.
+    By default (_RECOMPUTE_EXACT = False) the forward and backward project segment by segment and the
+    backward accumulates dW_ih, dW_hh and the biases per segment and writes dX per segment: O(T/k + k)
+    memory besides X and Y, results equal to rounding (about 1e-7 relative in float32), not bitwise: a
+    segment-sized GEMM, or a sum of per-segment weight-gradient GEMMs, adds in another order than one GEMM
+    over all T*B rows. With _RECOMPUTE_EXACT = True results are bitwise identical to
+    recompute_every=None, at the price of one O(T) transient (T, B, G*H) buffer while a layer is
+    differentiated: the backward redoes the forward's one input-projection GEMM into it and takes the
+    weight gradients as the same GEMMs after the loop.
   * grad_sq (backwards): a float array (T, B) that the backward fills with ||dL/dh_t||^2 per step and
     row, summed over hidden units, where dL/dh_t is the total gradient reaching h_t (dY[t] plus the
     recurrent part, plus dh_n at a sequence's last step): one einsum per step on the active rows;
@@ -161,11 +159,11 @@ def _gates(W, H, order, scale=None):
 # Options: lengths, recompute_every, grad_sq
 # ----------------------------------------------------------------------------------------
 
-# recompute_every: True keeps the results bitwise identical to recompute_every=None (one
-# input-projection GEMM and one gradient buffer over all steps in the backward: O(T) transient
-# memory while the layer is differentiated); False projects and reduces segment by segment (O(k)
-# transient memory, results equal to rounding only). See the module docstring.
-_RECOMPUTE_EXACT = True
+# recompute_every: False (the default) projects and reduces segment by segment (O(k) transient
+# memory, results equal to rounding); True keeps the results bitwise identical to
+# recompute_every=None (one input-projection GEMM and one gradient buffer over all steps in the
+# backward: O(T) transient memory while the layer is differentiated). See the module docstring.
+_RECOMPUTE_EXACT = False
 
 
 def _active_rows(lengths, T, B):

@@ -186,12 +186,13 @@ def _lengths_array(who, lengths, seq_len, bs):
 class _GradFlow:
     """Squared norms of dL/dh_t per (layer, direction) row, step and sequence, filled during backward.
 
-    Rows are in h_n's order; reverse-direction rows arrive in processing order and are mapped back to input
-    steps; sorted batches (fused path with lengths) are mapped back to the caller's order.
+    Rows are in h_n's order. Reverse-direction rows are kept in processing order and mapped back to input
+    steps when read; a sorted batch (fused path with lengths) is mapped back to the caller's order on entry.
     """
 
     def __init__(self, rows, seq_len, bs, lengths, order):
         self.squares = np.zeros((rows, seq_len, bs))
+        self.reversed_rows = set()
         self.filled = False
         self.lengths, self.order = lengths, order
 
@@ -199,31 +200,31 @@ class _GradFlow:
         """squares (seq_len, bs) in processing order of the (possibly sorted) batch."""
         squares = np.asarray(squares, dtype=np.float64)
         if self.order is not None:
-            unsorted = np.empty_like(squares)
-            unsorted[:, self.order] = squares
-            squares = unsorted
-        if reverse:
-            squares = _reverse_numpy(squares, self.lengths)
-        self.squares[row] = squares
-        self.filled = True
+            self.squares[row][:, self.order] = squares
+        else:
+            self.squares[row] = squares
+        self._mark(row, reverse)
 
-    def step_recorder(self, row, step):
+    def step_recorder(self, row, step, reverse):
+        """A probe's callback: (bs,) squared norms of processing step `step` of `row`."""
         def record(squares):
             self.squares[row, step] = squares
-            self.filled = True
+            self._mark(row, reverse)
         return record
 
+    def _mark(self, row, reverse):
+        if reverse:
+            self.reversed_rows.add(row)
+        self.filled = True
+
     def result(self):
-        return np.sqrt(self.squares.sum(axis=2))
-
-
-def _reverse_numpy(a, lengths):
-    """a (seq_len, bs) with each column reversed over its first lengths[b] entries (all when None)."""
-    if lengths is None:
-        return a[::-1].copy()
-    steps = np.arange(a.shape[0])[:, None]
-    source = np.where(steps < lengths, lengths - 1 - steps, steps)
-    return a[source, np.arange(a.shape[1])[None, :]]
+        squares = self.squares.copy()
+        seq_len, bs = squares.shape[1:]
+        lengths = np.full(bs, seq_len) if self.lengths is None else self.lengths
+        columns = np.arange(bs)[None, :]
+        for row in self.reversed_rows:
+            squares[row] = squares[row][ops.reversal_index(lengths, seq_len), columns]
+        return np.sqrt(squares.sum(axis=2))
 
 
 class _Recurrent(Module):
@@ -369,7 +370,7 @@ class _Recurrent(Module):
         outputs = []
         for t, x in enumerate(ops.split(X, 0).tuple()):
             for layer, cell in enumerate(cells):
-                probe = recorder.step_recorder(layer, t) if recorder else None
+                probe = recorder.step_recorder(layer, t, False) if recorder else None
                 finals[layer], x = self._step(cell, x, finals[layer], active[t], probe)
                 if step_masks[layer] is not None:
                     x = x * step_masks[layer][t]
@@ -414,25 +415,10 @@ class _Recurrent(Module):
         active = self._active(X, lengths)
         outputs = []
         for t, x in enumerate(ops.split(X, 0).tuple()):
-            probe = None
-            if recorder is not None:
-                # steps of a reverse row run backwards in time; _GradFlow maps them back when read
-                probe = recorder.step_recorder(row, t) if not reverse else self._reverse_probe(recorder, row, t,
-                                                                                               lengths, X.shape[0])
+            probe = recorder.step_recorder(row, t, reverse) if recorder is not None else None
             state, y = self._step(cell, x, state, active[t], probe)
             outputs.append(y)
         return ops.stack(outputs, 0), state
-
-    @staticmethod
-    def _reverse_probe(recorder, row, step, lengths, seq_len):
-        """Record processing step `step` of a reverse row at the input step each sequence is at."""
-        def record(squares):
-            lens = np.full(len(squares), seq_len) if lengths is None else lengths
-            valid = step < lens
-            input_steps = np.where(valid, lens - 1 - step, step)
-            recorder.squares[row, input_steps[valid], np.nonzero(valid)[0]] = squares[valid]
-            recorder.filled = True
-        return record
 
     def _layer_op(self, cell, X, state, **options):
         raise NotImplementedError()

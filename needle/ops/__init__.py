@@ -1,5 +1,6 @@
 """needle's differentiable operations: a CamelCase op class and a snake_case function for each."""
-from .ops_indexing import Gather, Reorder, ReverseSequences, gather_rows, reorder, reverse_sequences
+from .ops_indexing import (Gather, Reorder, ReverseSequences, gather_rows, reorder, reversal_index,
+                           reverse_sequences)
 from .ops_logarithmic import (LogSoftmax, LogSumExp, SoftmaxCrossEntropy, logsoftmax, logsumexp,
                               softmax_cross_entropy)
 from .ops_mathematic import (AddScalar, BroadcastTo, Dilate, DivScalar, EWiseAdd, EWiseDiv, EWiseMul, EWisePow,
@@ -19,5 +20,5 @@ __all__ = [
     "add", "add_scalar", "broadcast_to", "dilate", "divide", "divide_scalar", "exp", "flip", "log", "logsoftmax",
     "logsumexp", "make_tuple", "matmul", "mul_scalar", "multiply", "negate", "power", "power_scalar", "relu",
     "reshape", "sigmoid", "softmax_cross_entropy", "split", "stack", "summation", "tanh", "transpose",
-    "tuple_get_item", "undilate", "gather_rows", "reorder", "reverse_sequences", "rnn_layer", "lstm_layer", "gru_layer", "has_fused_kernels",
+    "tuple_get_item", "undilate", "gather_rows", "reorder", "reversal_index", "reverse_sequences", "rnn_layer", "lstm_layer", "gru_layer", "has_fused_kernels",
 ]

@@ -6,7 +6,8 @@ from ..autograd import Tensor, TensorOp
 from ..backend_ndarray.ndarray import NDArray, _norm_axes
 from .ops_mathematic import _check_tensor
 
-__all__ = ["Gather", "gather_rows", "Reorder", "reorder", "ReverseSequences", "reverse_sequences"]
+__all__ = ["Gather", "gather_rows", "Reorder", "reorder", "ReverseSequences", "reverse_sequences",
+           "reversal_index"]
 
 
 class Gather(TensorOp):
@@ -77,6 +78,13 @@ def reorder(a, order, axis):
     return Reorder(order, axis)(a)
 
 
+def reversal_index(lengths, seq_len):
+    """(seq_len, bs) numpy index: entry [t, b] is the step that lands at t when column b is reversed over its
+    first lengths[b] steps (lengths - 1 - t there, t itself past the end). The map is its own inverse."""
+    steps = np.arange(seq_len)[:, None]
+    return np.where(steps < lengths, lengths - 1 - steps, steps)
+
+
 class ReverseSequences(TensorOp):
     """Reverse each column b of X (T, B, ...) within its own length: out[t, b] = X[lengths[b] - 1 - t, b] for
     t < lengths[b]; padded steps stay where they are. The map is its own inverse, and so is the gradient."""
@@ -87,9 +95,8 @@ class ReverseSequences(TensorOp):
 
     def compute(self, X):
         xp = X.device.xp
-        steps = np.arange(X.shape[0])[:, None]
-        source = np.where(steps < self.lengths, self.lengths - 1 - steps, steps)
-        return NDArray.from_xp(X.x[xp.asarray(source), xp.arange(X.shape[1])[None, :]], X.device)
+        source = xp.asarray(reversal_index(self.lengths, X.shape[0]))
+        return NDArray.from_xp(X.x[source, xp.arange(X.shape[1])[None, :]], X.device)
 
     def gradient(self, out_grad, node):
         return ReverseSequences(self.lengths)(out_grad)

@@ -9,18 +9,24 @@ __all__ = ["LogSumExp", "LogSoftmax", "SoftmaxCrossEntropy", "logsumexp", "logso
            "softmax_cross_entropy"]
 
 
-def _logsumexp_keepdims(x, axes, xp):
-    """log(sum(exp(x))) over `axes`, keeping them; an all -inf slice gives -inf, not nan."""
+def _shift_by_max(x, axes, xp):
+    """(x - m, m) with m the max over `axes` (kept), or 0 where that max is not finite, so an all -inf
+    slice gives -inf rather than nan downstream."""
     m = x.max(axis=axes, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
-    return xp.log(xp.exp(x - m).sum(axis=axes, keepdims=True)) + m
+    return x - m, m
+
+
+def _logsumexp_keepdims(x, axes, xp):
+    """log(sum(exp(x))) over `axes`, keeping them."""
+    shifted, m = _shift_by_max(x, axes, xp)
+    return xp.log(xp.exp(shifted).sum(axis=axes, keepdims=True)) + m
 
 
 def _log_softmax(x, axis, xp):
     """(x - max) - log(sum(exp(x - max))): exact at the max however large x is, where x - logsumexp(x)
     would lose the digits of log(sum) to the rounding of max + log(sum)."""
-    m = x.max(axis=axis, keepdims=True)
-    shifted = x - xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
+    shifted, _ = _shift_by_max(x, axis, xp)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
@@ -79,8 +85,7 @@ class SoftmaxCrossEntropy(TensorOp):
         x = logits.x
         self._rows = xp.arange(x.shape[0])
         self._labels = labels.x.astype(np.int64)
-        m = x.max(axis=1, keepdims=True)
-        shifted = x - xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
+        shifted, _ = _shift_by_max(x, 1, xp)
         picked = shifted[self._rows, self._labels]
         self._exp = xp.exp(shifted, out=shifted)  # in place: shifted is not needed any more
         self._sums = self._exp.sum(axis=1, keepdims=True)

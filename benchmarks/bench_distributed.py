@@ -26,8 +26,9 @@ def worker(args):
 
     import needle as ndl
     from needle import distributed
-    from needle.data import Dictionary, batchify, get_batch
+    from needle.data import Dictionary, batchify
     from needle.models import LanguageModel
+    from needle.training import epoch_general_ptb
 
     rank, size = distributed.init()
     dictionary = Dictionary()
@@ -40,19 +41,9 @@ def worker(args):
     model = LanguageModel(200, len(dictionary), 200, num_layers=2, seq_model="lstm")
     distributed.broadcast_parameters(model.parameters())
     opt = distributed.DistributedOptimizer(ndl.optim.SGD(model.parameters(), lr=20.0))
-    loss_fn = ndl.nn.SoftmaxLoss()
 
     def run(steps):
-        h = None
-        for k in range(steps):
-            x, y = get_batch(local, k * args.seq_len, args.seq_len)
-            logits, h = model(x, h)
-            loss = loss_fn(logits, y)
-            opt.reset_grad()
-            loss.backward()
-            opt.clip_grad_norm(0.25)
-            opt.step()
-            h = tuple(t.detach() for t in h)
+        epoch_general_ptb(local[:steps * args.seq_len + 1], model, args.seq_len, opt=opt, clip=0.25)
 
     run(3)  # warm-up
     opt.allreduce_seconds = 0.0

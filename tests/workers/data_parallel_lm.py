@@ -9,8 +9,9 @@ import numpy as np
 
 import needle as ndl
 from needle import distributed
-from needle.data import batchify, get_batch
+from needle.data import batchify
 from needle.models import LanguageModel
+from needle.training import epoch_general_ptb
 
 rank, size = distributed.init()
 np.random.seed(0)
@@ -24,16 +25,7 @@ np.random.seed(1)
 model = LanguageModel(12, 30, 16, num_layers=2, seq_model="lstm")
 distributed.broadcast_parameters(model.parameters())
 opt = distributed.DistributedOptimizer(ndl.optim.SGD(model.parameters(), lr=1.0))
-loss_fn = ndl.nn.SoftmaxLoss()
-h = None
-for i in range(0, 10 * 7, 7):
-    x, y = get_batch(local, i, 7)
-    logits, h = model(x, h)
-    loss = loss_fn(logits, y)
-    opt.reset_grad()
-    loss.backward()
-    opt.clip_grad_norm(0.5)
-    opt.step()
-    h = tuple(t.detach() for t in h)
+# ten windows of 7 steps: the training loop itself, with the wrapped optimiser
+epoch_general_ptb(local[:71], model, seq_len=7, opt=opt, clip=0.5)
 if distributed.is_main():
     np.savez(sys.argv[1], *[p.numpy() for p in model.parameters()], world_size=size)

@@ -102,6 +102,18 @@ def allreduce_sum(values):
     return values
 
 
+def _host(array):
+    """A numpy view of a cpu NDArray (a copy from any other device), for MPI's buffers."""
+    return array.x if array.device.xp is np else array.numpy()
+
+
+def _from_host(chunk, like):
+    """chunk (a slice of a fresh reduction buffer) as an NDArray on `like`'s device; shared on cpu."""
+    if like.device.xp is np and chunk.dtype == np.dtype(like.dtype):
+        return NDArray.from_xp(chunk, like.device)
+    return NDArray(chunk, device=like.device, dtype=like.dtype)
+
+
 class DistributedOptimizer:
     """Wraps an optimiser: `step()` first averages every parameter's gradient over the ranks, in a few
     flat all-reduce calls (buckets of ~32 MiB, not one call per parameter), then steps the wrapped optimiser.
@@ -126,7 +138,8 @@ class DistributedOptimizer:
             return
         from mpi4py import MPI
         start = time.perf_counter()
-        grads = [p.grad.numpy() if p.grad is not None else np.zeros(p.shape, dtype=np.float32) for p in self.params]
+        grads = [_host(p.grad.realize_cached_data()) if p.grad is not None else np.zeros(p.shape, np.float32)
+                 for p in self.params]
         index = 0
         for group in _buckets(grads):
             flat = np.concatenate([g.ravel() for g in group]).astype(np.float32, copy=False)
@@ -135,8 +148,7 @@ class DistributedOptimizer:
             offset = 0
             for g in group:
                 p = self.params[index]
-                p.grad = Tensor.make_const(NDArray(flat[offset:offset + g.size].reshape(g.shape),
-                                                   device=p.device, dtype=p.dtype))
+                p.grad = Tensor.make_const(_from_host(flat[offset:offset + g.size].reshape(g.shape), p))
                 offset += g.size
                 index += 1
         self.allreduce_seconds += time.perf_counter() - start

@@ -135,9 +135,9 @@ def _device_of(data):
 
 
 def _check_same_device(op, inputs):
-    devices = {_device_of(v.cached_data) for v in inputs if not isinstance(v.cached_data, tuple) or v.cached_data}
-    if len(devices) > 1:
-        names = ", ".join(sorted(repr(d) for d in devices))
+    devices = [_device_of(v.cached_data) for v in inputs if not isinstance(v.cached_data, tuple) or v.cached_data]
+    if any(d != devices[0] for d in devices[1:]):  # a plain scan: this runs for every op
+        names = ", ".join(sorted({repr(d) for d in devices}))
         raise ValueError(f"{op._name()}: all inputs must be on one device, got tensors on {names}")
 
 

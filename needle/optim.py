@@ -47,9 +47,23 @@ class Optimizer:
 
 
 def _add_scaled(w, g, alpha):
-    """w + alpha * g as a new array, with one temporary less than the expression."""
-    out = g.x * float(alpha)  # a numpy float64 alpha would promote float32 to float64
-    out += w.x
+    """w + alpha * g as a new array, with one temporary less than the expression; big arrays row block by
+    row block on the backend's threads (parallel_numpy.py)."""
+    a, b, xp = g.x, w.x, w.device.xp
+    alpha = float(alpha)  # a numpy float64 alpha would promote float32 to float64
+    parallel = w.device.kernel("for_rows")
+    if parallel is None or a.ndim == 0:
+        out = a * alpha
+        out += b
+        return NDArray.from_xp(out, w.device)
+    out = xp.empty(a.shape, a.dtype)
+
+    def rows(sl):
+        o = out[sl]
+        xp.multiply(a[sl], alpha, out=o)
+        o += b[sl]
+
+    parallel(rows, a.shape[0], a.size)
     return NDArray.from_xp(out, w.device)
 
 

@@ -4,15 +4,18 @@ A backend owns flat 1-D buffers; `NDArray` owns shape, strides and offset and as
 strided view over a buffer, then computes with the backend's array module `xp`. A CuPy backend is this
 module with `xp = cupy` and its own `view`, `from_numpy` and `to_numpy`.
 
-Optional fused entry points (`rnn_forward`, `lstm_forward`, ...) are looked up on the backend with a
-fallback, so a backend without them still runs every op.
+Optional entry points are looked up on the backend with a fallback, so a backend without them still runs
+every op: fused recurrent kernels (`rnn_forward`, `lstm_forward`, ...) and, here, big elementwise passes
+and reductions split over threads (`ewise`, `unary`, `reduce`, `for_rows`: parallel_numpy.py).
 """
 import numpy
 
+from .parallel_numpy import ewise, for_rows, reduce, unary
 from .recurrent_numpy import (gru_backward, gru_forward, lstm_backward, lstm_forward, rnn_backward,
                               rnn_forward)
 
-__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "rnn_forward", "rnn_backward",
+__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
+           "rnn_forward", "rnn_backward",
            "lstm_forward", "lstm_backward", "gru_forward", "gru_backward"]
 
 xp = numpy

@@ -357,39 +357,46 @@ class NDArray:
         view.x[...] = other.x if isinstance(other, NDArray) else other
 
     # ---- arithmetic: broadcasting as numpy does
-    def _ewise(self, other, fn):
+    def _ewise(self, other, ufunc, reflected=False):
         if isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
             other = other.item()
-        xp_other = other.x if isinstance(other, NDArray) else other
-        return NDArray.from_xp(fn(self.x, xp_other), self.device)
+        a, b = self.x, (other.x if isinstance(other, NDArray) else other)
+        if reflected:
+            a, b = b, a
+        parallel = self.device.kernel("ewise")
+        return NDArray.from_xp(parallel(ufunc, a, b) if parallel else ufunc(a, b), self.device)
+
+    def _unary(self, ufunc):
+        parallel = self.device.kernel("unary")
+        return NDArray.from_xp(parallel(ufunc, self.x) if parallel else ufunc(self.x), self.device)
 
     def __add__(self, other):
-        return self._ewise(other, operator.add)
+        return self._ewise(other, self.device.xp.add)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return self._ewise(other, operator.sub)
+        return self._ewise(other, self.device.xp.subtract)
 
     def __rsub__(self, other):
-        return self._ewise(other, lambda a, b: b - a)
+        return self._ewise(other, self.device.xp.subtract, reflected=True)
 
     def __mul__(self, other):
-        return self._ewise(other, operator.mul)
+        return self._ewise(other, self.device.xp.multiply)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        return self._ewise(other, operator.truediv)
+        return self._ewise(other, self.device.xp.true_divide)
 
     def __rtruediv__(self, other):
-        return self._ewise(other, lambda a, b: b / a)
+        return self._ewise(other, self.device.xp.true_divide, reflected=True)
 
     def __neg__(self):
-        return NDArray.from_xp(-self.x, self.device)
+        return self._unary(self.device.xp.negative)
 
     def __pow__(self, other):
-        return self._ewise(other, operator.pow)
+        return self._ewise(other, self.device.xp.power)
 
     def maximum(self, other):
         return self._ewise(other, self.device.xp.maximum)
@@ -418,13 +425,13 @@ class NDArray:
     __hash__ = None
 
     def log(self):
-        return NDArray.from_xp(self.device.xp.log(self.x), self.device)
+        return self._unary(self.device.xp.log)
 
     def exp(self):
-        return NDArray.from_xp(self.device.xp.exp(self.x), self.device)
+        return self._unary(self.device.xp.exp)
 
     def tanh(self):
-        return NDArray.from_xp(self.device.xp.tanh(self.x), self.device)
+        return self._unary(self.device.xp.tanh)
 
     def sigmoid(self):
         # 0.5 * tanh(0.5 x) + 0.5: stable for any x, and tanh is cheaper than exp plus a reciprocal
@@ -437,11 +444,17 @@ class NDArray:
         return NDArray.from_xp(self.device.xp.matmul(self.x, other.x), self.device)
 
     # ---- reductions
+    def _reduce(self, kind, axis, keepdims):
+        parallel = self.device.kernel("reduce")
+        out = parallel(self.x, kind, axis, keepdims) if parallel else getattr(self.x, kind)(axis=axis,
+                                                                                            keepdims=keepdims)
+        return NDArray.from_xp(self.device.xp.asarray(out), self.device)
+
     def sum(self, axis=None, keepdims=False):
-        return NDArray.from_xp(self.device.xp.asarray(self.x.sum(axis=axis, keepdims=keepdims)), self.device)
+        return self._reduce("sum", axis, keepdims)
 
     def max(self, axis=None, keepdims=False):
-        return NDArray.from_xp(self.device.xp.asarray(self.x.max(axis=axis, keepdims=keepdims)), self.device)
+        return self._reduce("max", axis, keepdims)
 
 
 def _resolve_shape(who, old_shape, new_shape):

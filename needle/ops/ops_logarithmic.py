@@ -73,31 +73,65 @@ def logsoftmax(a):
     return LogSoftmax()(a)
 
 
+def _for_rows(device, fn, rows, elements):
+    """fn(block) over row blocks, on several threads where the backend offers it (parallel_numpy.py)."""
+    parallel = device.kernel("for_rows")
+    return parallel(fn, rows, elements) if parallel else [fn(slice(0, rows))]
+
+
 class SoftmaxCrossEntropy(TensorOp):
     """Mean over rows of -log softmax(logits)[row, label]: one op, so the loss over a 10,000-word
     vocabulary never builds a one-hot matrix."""
     name = "softmax_cross_entropy"
 
-    def compute(self, logits, labels):
-        # As _log_softmax, in fewer passes over the (N, C) array: log softmax at the label is
-        # shifted[label] - log(sum(exp(shifted))), and exp(shifted) is kept for the gradient.
+    def _softmax_parts(self, logits, labels):
+        """(exp(x - max), row sums of it (N, 1), (x - max)[row, label]): as _log_softmax, in fewer passes
+        over the (N, C) array, block by block of rows on the backend's threads."""
         xp = logits.device.xp
         x = logits.x
-        self._rows = xp.arange(x.shape[0])
+        n = x.shape[0]
+        exp = xp.empty(x.shape, x.dtype)
+        sums = xp.empty((n, 1), x.dtype)
+        picked = xp.empty((n,), x.dtype)
+
+        def rows(sl):
+            e = exp[sl]
+            m = x[sl].max(axis=1, keepdims=True) if x.shape[1] else xp.zeros((e.shape[0], 1), x.dtype)
+            xp.subtract(x[sl], xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype), out=e)
+            picked[sl] = e[xp.arange(e.shape[0]), labels[sl]]
+            xp.exp(e, out=e)
+            e.sum(axis=1, keepdims=True, out=sums[sl])
+
+        _for_rows(logits.device, rows, n, x.size)
+        return exp, sums, picked
+
+    def compute(self, logits, labels):
+        # log softmax at the label is shifted[label] - log(sum(exp(shifted))); exp(shifted) is kept for
+        # the gradient, which then takes one pass over it
+        xp = logits.device.xp
         self._labels = labels.x.astype(np.int64)
-        shifted, _ = _shift_by_max(x, 1, xp)
-        picked = shifted[self._rows, self._labels]
-        self._exp = xp.exp(shifted, out=shifted)  # in place: shifted is not needed any more
-        self._sums = self._exp.sum(axis=1, keepdims=True)
-        loss = (xp.log(self._sums[:, 0]) - picked).mean(dtype=x.dtype)
+        self._exp, self._sums, picked = self._softmax_parts(logits, self._labels)
+        loss = (xp.log(self._sums[:, 0]) - picked).mean(dtype=logits.dtype)
         return NDArray.from_xp(loss.reshape(()), logits.device)
 
     def gradient(self, out_grad, node):
-        # (softmax - one_hot(labels)) * out_grad / N, with softmax = exp / sums: one pass over (N, C)
+        # (softmax - one_hot(labels)) * out_grad / N, with softmax = exp / sums: one pass, written over
+        # the kept exp (a second backward through this node recomputes it from the logits)
         logits = node.inputs[0].realize_cached_data()
-        scale = out_grad.realize_cached_data().x / self._exp.shape[0]
-        grad = self._exp * (scale / self._sums)
-        grad[self._rows, self._labels] -= scale
+        xp = logits.device.xp
+        if self._exp is None:
+            self._exp, self._sums, _ = self._softmax_parts(logits, self._labels)
+        grad, sums, labels = self._exp, self._sums, self._labels
+        self._exp = None
+        n = grad.shape[0]
+        scale = out_grad.realize_cached_data().x / max(n, 1)
+
+        def rows(sl):
+            g = grad[sl]
+            xp.multiply(g, scale / sums[sl], out=g)
+            g[xp.arange(g.shape[0]), labels[sl]] -= scale
+
+        _for_rows(logits.device, rows, n, grad.size)
         return Tensor.make_const(NDArray.from_xp(grad, logits.device)), None
 
 

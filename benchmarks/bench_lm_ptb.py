@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import needle  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads (needle/__init__.py)
 import numpy as np
 
 # ../shared beside the repository, as in the project layout

@@ -2,7 +2,7 @@
 
 A step is forward over the whole sequence, then backward of output.sum() (X requires a gradient on both
 sides, as the embedding output does in a language model). needle and torch run in one process,
-interleaved step by step, torch limited to 2 threads; each figure is the median of several steps after
+interleaved step by step, torch limited to 2 threads, needle imported first (see the imports); each figure is the median of several steps after
 warm-up. Printed per kind and workload: needle ms, torch ms, needle/torch, and needle's GEMM GFLOP/s as
 a share of numpy's float32 GEMM peak measured at the start of the run.
 
@@ -21,11 +21,13 @@ import statistics
 import subprocess
 import time
 
+# needle first: it sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (needle/__init__.py). Without
+# it, OpenBLAS's idle workers spin for ~0.1 s after every needle GEMM and hold the core that torch's next
+# step needs: torch's LSTM small step then measures 33 ms instead of 17.
+import needle as ndl  # noqa: I001
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-import needle as ndl
 
 WORKLOADS = {  # seq_len, batch, input, hidden, layers
     "tiny": (13, 15, 11, 12, 2),

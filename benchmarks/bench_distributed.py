@@ -22,9 +22,8 @@ DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "ptb", "ptb.vali
 
 
 def worker(args):
+    import needle as ndl  # first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads (needle/__init__.py)
     import numpy as np
-
-    import needle as ndl
     from needle import distributed
     from needle.data import Dictionary, batchify
     from needle.models import LanguageModel

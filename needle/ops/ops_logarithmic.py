@@ -9,12 +9,12 @@ __all__ = ["LogSumExp", "LogSoftmax", "SoftmaxCrossEntropy", "logsumexp", "logso
            "softmax_cross_entropy"]
 
 
-def _shift_by_max(x, axes, xp):
+def _shift_by_max(x, axes, xp, out=None):
     """(x - m, m) with m the max over `axes` (kept), or 0 where that max is not finite, so an all -inf
-    slice gives -inf rather than nan downstream."""
+    slice gives -inf rather than nan downstream; x - m written into `out` when given."""
     m = x.max(axis=axes, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype)
-    return x - m, m
+    return xp.subtract(x, m, out=out), m
 
 
 def _logsumexp_keepdims(x, axes, xp):
@@ -95,9 +95,7 @@ class SoftmaxCrossEntropy(TensorOp):
         picked = xp.empty((n,), x.dtype)
 
         def rows(sl):
-            e = exp[sl]
-            m = x[sl].max(axis=1, keepdims=True) if x.shape[1] else xp.zeros((e.shape[0], 1), x.dtype)
-            xp.subtract(x[sl], xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype), out=e)
+            e, _ = _shift_by_max(x[sl], 1, xp, out=exp[sl])
             picked[sl] = e[xp.arange(e.shape[0]), labels[sl]]
             xp.exp(e, out=e)
             e.sum(axis=1, keepdims=True, out=sums[sl])

@@ -2,6 +2,10 @@
 arrays big enough to be split, with two threads forced on, for every broadcasting case the ops meet; and
 the ops and the optimiser that use them agree with the one-thread path."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -140,3 +144,13 @@ def test_cross_entropy_backward_twice(threads, rng):
     x.grad = None
     loss.backward()
     np.testing.assert_allclose(x.grad.numpy(), first, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "18"), ("30", "30")])
+def test_import_sets_openblas_thread_timeout_unless_the_user_did(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    out = subprocess.run([sys.executable, "-c", "import needle, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected

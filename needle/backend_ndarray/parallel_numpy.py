@@ -88,7 +88,8 @@ def _rows_of(a, block, ndim, rows):
 
 def ewise(ufunc, a, b):
     """ufunc(a, b) with numpy's broadcasting, over row blocks of the result in parallel when it is big."""
-    if not isinstance(ufunc, np.ufunc) or not (isinstance(a, np.ndarray) or isinstance(b, np.ndarray)):
+    # the result has at most size(a) * size(b) elements: small operands (most calls) leave at once
+    if getattr(a, "size", 1) * getattr(b, "size", 1) < 2 * _MIN_ELEMENTS or not isinstance(ufunc, np.ufunc):
         return ufunc(a, b)
     shape = np.broadcast_shapes(np.shape(a), np.shape(b))
     size = 1

@@ -306,3 +306,53 @@ def test_grad_flow_bidirectional_fused_equals_reference(kind):
     np.testing.assert_allclose(flows[0], flows[1], rtol=1e-5, atol=1e-6)
     # every step has at least one sequence still going, so every entry is positive
     assert (flows[0] > 0).all()
+
+
+@pytest.fixture
+def side_by_side(monkeypatch):
+    """Two threads and no size threshold: every fused bidirectional layer runs its directions' loops side by
+    side (the machine may have one core, and these sizes are below the threshold)."""
+    from needle.backend_ndarray import parallel_numpy as P
+    monkeypatch.setitem(P._state, "threads", 2)
+    monkeypatch.setitem(P._state, "pool", None)
+    monkeypatch.setattr(P, "_SIDE_BY_SIDE_MIN", 0)
+    threads = []
+    advance = P._advance
+
+    def spy(kernel):
+        threads.append(__import__("threading").current_thread().name)
+        return advance(kernel)
+    monkeypatch.setattr(P, "_advance", spy)
+    return threads
+
+
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "len"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bidirectional_side_by_side_matches_torch(side_by_side, kind, use_lengths):
+    module, tmodule, cells_name = make(kind, True, False, True, layers=2, hidden=6, input_size=4)
+    is_lstm = kind == "lstm"
+    x, lens, h0 = inputs(False, True, 2, bs=5, seq_len=7, input_size=4, hidden=6, lengths=use_lengths,
+                         is_lstm=is_lstm)
+    values, tvalues, grads, tgrads = run_both(module, tmodule, x, lens, h0, is_lstm)
+    for a, e in zip(values + grads + all_param_grads(module, cells_name), tvalues + tgrads
+                    + torch_param_grads(tmodule, 2, True)):
+        np.testing.assert_allclose(a, e, rtol=TOL, atol=TOL)
+    # each layer's loops ran on two threads, in forward and in backward
+    assert any(name.startswith("needle") for name in side_by_side)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_bidirectional_side_by_side_grad_flow_and_recompute(side_by_side, kind):
+    module_cls, _, kwargs, _ = KINDS[kind]
+    X = ndl.Tensor(np.random.randn(9, 4, 3))
+    results = []
+    for fused, recompute in ((False, None), (True, None), (True, 4)):
+        np.random.seed(0)
+        module = module_cls(3, 5, num_layers=2, bidirectional=True, fused=fused, recompute_every=recompute,
+                            record_grad_flow=True, **kwargs)
+        out, _ = module(X, None, [9, 2, 4, 9])
+        (out * out).sum().backward()
+        results.append([out.numpy(), module.grad_flow] + [p.grad.numpy() for p in module.parameters()])
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)

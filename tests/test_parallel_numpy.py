@@ -154,3 +154,46 @@ def test_import_sets_openblas_thread_timeout_unless_the_user_did(given, expected
     out = subprocess.run([sys.executable, "-c", "import needle, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
+
+
+def _phased(log, name, value, fail=False):
+    """A phased kernel: set-up, a loop (between its two yields) and a finish; logs each part's thread."""
+    import threading
+    log.append((name, "set-up", threading.current_thread().name))
+    yield
+    log.append((name, "loop", threading.current_thread().name))
+    if fail:
+        raise ValueError(f"{name} failed")
+    yield
+    log.append((name, "finish", threading.current_thread().name))
+    return value
+
+
+def test_run_phased_loops_side_by_side_then_in_order(threads):
+    from threadpoolctl import threadpool_info
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    log = []
+    assert P.run_phased([_phased(log, "a", 1), _phased(log, "b", 2)], P._SIDE_BY_SIDE_MIN) == [1, 2]
+    parts = [(name, part) for name, part, _ in log]
+    assert parts[:2] == [("a", "set-up"), ("b", "set-up")]
+    assert sorted(parts[2:4]) == [("a", "loop"), ("b", "loop")]
+    assert parts[4:] == [("a", "finish"), ("b", "finish")]
+    loops = {name: thread for name, part, thread in log if part == "loop"}
+    assert loops["a"] != loops["b"]                      # the two loops ran on two threads
+    assert {thread for _, part, thread in log if part != "loop"} == {loops["a"]}  # the rest on the caller's
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+
+
+def test_run_phased_small_work_one_thread_and_errors(threads):
+    log = []
+    assert P.run_phased([_phased(log, "a", 1), _phased(log, "b", 2)], P._SIDE_BY_SIDE_MIN - 1) == [1, 2]
+    assert len({thread for _, _, thread in log}) == 1     # below the threshold: one thread, in order
+    assert [(n, p) for n, p, _ in log] == [("a", "set-up"), ("b", "set-up"), ("a", "loop"), ("b", "loop"),
+                                           ("a", "finish"), ("b", "finish")]
+
+    def whole():          # a kernel that never yields (recompute_every) runs through in its set-up
+        return 3
+        yield
+    assert P.run_phased([whole(), _phased([], "b", 2)], P._SIDE_BY_SIDE_MIN) == [3, 2]
+    with pytest.raises(ValueError, match="b failed"):
+        P.run_phased([_phased([], "a", 1), _phased([], "b", 2, fail=True)], P._SIDE_BY_SIDE_MIN)

@@ -272,6 +272,25 @@ def test_lengths_paths_and_none_upstreams(kind, monkeypatch):
                 _compare(ours, ref, np.float64, False)
 
 
+@pytest.mark.parametrize("k", [None, 4])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_unsorted_lengths_are_the_sorted_call_in_that_order(kind, k):
+    """The kernel sorts the batch itself: any order of the sequences gives the sorted call's outputs, input
+    and state gradients and grad_sq rows in that order, and the same weight gradients."""
+    p = _make(kind, 9, 6, 5, 4, True, np.float64, seed=15)
+    lengths = np.array(LENGTHS["mixed"])
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    batch_axis = dict(X=1, dY=1, h0=0, c0=0, dh_n=0, dc_n=0, Y=1, dX=1, h_n=0, c_n=0, dh0=0, dc0=0)
+    shuffled = {name: (v.take(perm, axis=batch_axis[name]) if name in batch_axis else v) for name, v in p.items()}
+    g, g_shuffled = np.zeros((9, 6)), np.zeros((9, 6))
+    ref, _ = _ours(kind, p, lengths=lengths, recompute_every=k, back=dict(grad_sq=g))
+    ours, _ = _ours(kind, shuffled, lengths=lengths[perm], recompute_every=k, back=dict(grad_sq=g_shuffled))
+    for name, v in ref.items():
+        expected = v.take(perm, axis=batch_axis[name]) if name in batch_axis else v
+        np.testing.assert_allclose(ours[name], expected, rtol=1e-12, atol=1e-13, err_msg=name)
+    np.testing.assert_allclose(g_shuffled, g[:, perm], rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("kind", list(GATES))
 def test_full_lengths_are_the_plain_path(kind):
     p = _make(kind, 5, 3, 4, 3, True, np.float32, seed=7)
@@ -433,7 +452,7 @@ def test_grad_sq_plain_path_is_bitwise_plain(kind):
 @pytest.mark.parametrize("kind", list(GATES))
 def test_option_errors_and_inputs_unmodified(kind):
     p = _make(kind, 5, 3, 4, 3, True, np.float64, seed=14)
-    for bad in ([3, 5, 2], [5, 3, 0], [6, 3, 2], [5, 2.5, 1], [5, 3]):
+    for bad in ([5, 3, 0], [6, 3, 2], [5, 2.5, 1], [5, 3], [[5, 3, 2]]):
         with pytest.raises(ValueError, match="lengths"):
             _ours(kind, p, lengths=bad)
     for bad in (0, -1, 2.0, True):

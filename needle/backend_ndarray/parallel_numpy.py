@@ -7,6 +7,11 @@ array. ufuncs release the GIL, so such a pass split into blocks of rows runs in 
 threads: on this machine 1.75x faster on 2 cores (700 x 7596 float32: subtract, exp and row sums in
 4.5 ms on one thread, 2.5 ms on two).
 
+The same threads run the recurrent loops of independent kernels side by side (`run_phased`): a loop's
+per-step GEMMs are too small to use two cores well (20 x 200 @ 200 x 800 takes about as long on one
+OpenBLAS thread as on two), so two loops on one BLAS thread each, such as the two directions of a
+bidirectional layer, finish sooner together than one after the other on two BLAS threads.
+
 The thread count is NEEDLE_NUM_THREADS, else OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else the cores
 this process may run on (read once); 1 turns all of this off. A pass is split only where each block
 keeps at least _MIN_ELEMENTS elements (smaller ones cost less than waking a thread), and never from
@@ -19,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["num_threads", "for_rows", "ewise", "unary", "reduce"]
+__all__ = ["num_threads", "for_rows", "ewise", "unary", "reduce", "run_phased"]
 
 _MIN_ELEMENTS = 1 << 17
-_state = {"threads": None, "pool": None}
+_state = {"threads": None, "pool": None, "blas": None}
 _local = threading.local()
 
 
@@ -141,3 +146,62 @@ def reduce(a, kind, axis, keepdims):
     if not keepdims:
         out = out.reshape(tuple(d for i, d in enumerate(out.shape) if i not in axes))
     return out
+
+
+# Side by side only where a step's gate matrix (batch x gates x hidden) has at least this many
+# elements: below it a step is a few microseconds of Python, and two threads passing the GIL back and
+# forth are slower than one (tiny workloads: 2x slower).
+_SIDE_BY_SIDE_MIN = 1 << 11
+
+
+def _blas():
+    """threadpoolctl's controller of the BLAS libraries numpy loaded, or False where there is none."""
+    if _state["blas"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            blas = ThreadpoolController().select(user_api="blas")
+            _state["blas"] = blas if blas.lib_controllers else False
+        except ImportError:
+            _state["blas"] = False
+    return _state["blas"]
+
+
+def _advance(kernel):
+    """Run a phased kernel to its next yield: (True, None), or (False, its result) once it has returned."""
+    try:
+        next(kernel)
+        return True, None
+    except StopIteration as done:
+        return False, done.value
+
+
+def run_phased(kernels, step_elements):
+    """Run phased kernels (generators that yield just before and just after their recurrent loop, as
+    recurrent_numpy's *_phases do) and return their results in order. Each kernel's part before its loop
+    (the input projection GEMM) and after it (the weight-gradient GEMMs) runs in turn on every BLAS thread;
+    the loops run side by side, one thread each with one BLAS thread, where there are two kernels or more,
+    two threads or more, and `step_elements` (the elements of a step's gate matrix) reaches
+    _SIDE_BY_SIDE_MIN."""
+    results = [None] * len(kernels)
+    live = []
+    for i, kernel in enumerate(kernels):                 # up to the loops, one after the other
+        going, results[i] = _advance(kernel)
+        if going:
+            live.append(i)
+    side_by_side = (len(live) > 1 and step_elements >= _SIDE_BY_SIDE_MIN and num_threads() > 1
+                    and not getattr(_local, "worker", False) and _blas())
+    if side_by_side:
+        _local.worker = True                             # no nested splitting from the loops
+        try:
+            with _blas().limit(limits=1):
+                futures = [_pool().submit(_advance, kernels[i]) for i in live[1:]]
+                outcomes = [_advance(kernels[live[0]])] + [f.result() for f in futures]
+        finally:
+            _local.worker = False
+    else:
+        outcomes = [_advance(kernels[i]) for i in live]
+    for i, (going, result) in zip(live, outcomes):       # after the loops, one after the other
+        while going:
+            going, result = _advance(kernels[i])
+        results[i] = result
+    return results

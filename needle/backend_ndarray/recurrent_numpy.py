@@ -40,10 +40,18 @@ How it is made fast (see /work/shared/PERF_NOTES.md):
     (a skinny GEMM with a transposed operand runs at about half speed); bias gradients as
     a GEMV with a ones vector (multithreaded, unlike a numpy sum).
 
+Phases: each kernel is written once, as a generator (`*_phases`) that yields just before its
+recurrent loop and just after it; `rnn_forward` and the others run it straight through. The loop is
+the part that leaves a core idle (small per-step GEMMs and elementwise passes on one core), so
+`run_phased` (parallel_numpy.py) runs the loops of independent kernels, such as the two directions of
+a bidirectional layer, side by side on their own threads, and the big GEMMs before and after them one
+after the other on every BLAS thread. A kernel with recompute_every yields nowhere (it runs whole).
+
 Options (all default to None; with none given the kernels run the plain code above, untouched):
-  * lengths (forwards): int array (B,), sorted non-increasing, values in [1, T] (PyTorch's packed
-    sequences). Step t runs only its b_t = count(lengths > t) leading rows ([:b_t] slices, no
-    compute-then-mask); Y[t, b] = 0 for t >= lengths[b]; h_n[b] (c_n[b]) is the state after step
+  * lengths (forwards): int array (B,), values in [1, T] (PyTorch's packed sequences), in any order:
+    a kernel sorts the batch longest first once per call (and puts its outputs, and in the backward
+    the input and state gradients, back in the caller's order), so that step t runs only its
+    b_t = count(lengths > t) leading rows ([:b_t] slices, no compute-then-mask); Y[t, b] = 0 for t >= lengths[b]; h_n[b] (c_n[b]) is the state after step
     lengths[b] - 1. The backward ignores dY at padded positions, lets dh_n[b] (dc_n[b]) enter at step
     lengths[b] - 1 (the running dh/dc rows of a sequence are not touched before it becomes active).
     The big GEMMs (the input projection before the loop; dX, dW_ih, dW_hh and the bias sums after
@@ -71,12 +79,17 @@ Options (all default to None; with none given the kernels run the plain code abo
     zero at padded positions.
 """
 
+import functools
+
 import numpy as np
 
 __all__ = [
     "rnn_forward", "rnn_backward",
     "lstm_forward", "lstm_backward",
     "gru_forward", "gru_backward",
+    "rnn_forward_phases", "rnn_backward_phases",
+    "lstm_forward_phases", "lstm_backward_phases",
+    "gru_forward_phases", "gru_backward_phases",
 ]
 
 # Bulk elementwise work in the backward is done over blocks of time steps whose gate rows
@@ -181,8 +194,6 @@ def _active_rows(lengths, T, B):
     L = lens.tolist()              # plain Python from here: B and T are small next to the work
     if (raw.dtype.kind == "f" and (lens != raw).any()) or min(L) < 1 or max(L) > T:
         raise ValueError("lengths must be whole numbers in [1, T=%d], got %s" % (T, raw.tolist()))
-    if any(a < b for a, b in zip(L, L[1:])):
-        raise ValueError("lengths must be sorted in non-increasing order, got %s" % L)
     if L[-1] == T:
         return None, None
     bt, b = [], B
@@ -191,6 +202,53 @@ def _active_rows(lengths, T, B):
             b -= 1
         bt.append(b)
     return bt, lens
+
+
+def _sort_order(lengths, B):
+    """The permutation that sorts the batch longest first (stable), or None where lengths is None, is
+    already in non-increasing order, or is not B numbers (_active_rows then says what is wrong)."""
+    if lengths is None:
+        return None
+    raw = np.asarray(lengths)
+    if raw.shape != (B,) or raw.dtype.kind not in "iuf" or (np.diff(raw) <= 0).all():
+        return None
+    return np.argsort(-raw, kind="stable")
+
+
+class _Sorted:
+    """saved of a call that ran on its batch sorted longest first: the permutation, its inverse and the
+    sorted call's own saved."""
+    __slots__ = ("order", "inverse", "saved")
+
+    def __init__(self, order, inverse, saved):
+        self.order, self.inverse, self.saved = order, inverse, saved
+
+
+def _forward_sorted(phases, order, X, states, weights, lengths, **options):
+    """A forward kernel's phases on the batch sorted longest first (its loop then runs a shrinking prefix
+    of rows), with the outputs put back in the caller's order and saved wrapped in a _Sorted."""
+    inverse = np.argsort(order)
+    X = X[:, order]
+    states = [None if s is None else np.asarray(s)[order] for s in states]
+    Y, *finals, saved = yield from phases(X, *states, *weights, lengths=np.asarray(lengths)[order], **options)
+    return (Y[:, inverse], *(f[inverse] for f in finals), _Sorted(order, inverse, saved))
+
+
+def _backward_sorted(phases, upstream, sorted_saved, grad_sq):
+    """The backward of _forward_sorted: upstream gradients sorted, the state and input gradients (and the
+    rows of grad_sq) put back in the caller's order; weight gradients do not depend on the order."""
+    order, inverse = sorted_saved.order, sorted_saved.inverse
+    dY, *d_finals = upstream
+    dY = None if dY is None else np.asarray(dY)[:, order]
+    d_finals = [None if g is None else np.asarray(g)[order] for g in d_finals]
+    squares = None
+    if grad_sq is not None:
+        squares = np.zeros_like(_grad_sq(grad_sq, *sorted_saved.saved[0].shape[:2]))
+    grads = yield from phases(dY, *d_finals, sorted_saved.saved, grad_sq=squares)
+    if grad_sq is not None:
+        grad_sq[:, order] = squares
+    n = len(d_finals)
+    return (grads[0][:, inverse], *(g[inverse] for g in grads[1:1 + n]), *grads[1 + n:])
 
 
 def _every(k):
@@ -311,7 +369,7 @@ def _input_grad(dG, Wt, T, B, bt, pack):
 # Elman RNN
 # ----------------------------------------------------------------------------------------
 
-def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", lengths=None,
+def rnn_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", lengths=None,
                 recompute_every=None):
     """Elman RNN over a whole sequence.
 
@@ -330,10 +388,14 @@ def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", le
     H = W_hh.shape[0]
     relu = nonlinearity == "relu"
     if lengths is not None or recompute_every is not None:
+        order = _sort_order(lengths, B)
+        if order is not None:
+            return (yield from _forward_sorted(rnn_forward_phases, order, X, (h0,), (W_ih, W_hh, b_ih, b_hh), lengths,
+                                               nonlinearity=nonlinearity, recompute_every=recompute_every))
         _every(recompute_every)
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None:
-            return _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens)
+            return (yield from _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens))
     Hs = np.empty((T + 1, B, H), dt)
     Hs[0] = _h0(h0, B, H, dt)
     # pre-activations of all steps: one GEMM, biases folded in
@@ -343,6 +405,7 @@ def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", le
     if b_hh is not None:
         A += _arr(b_hh, dt)
     tmp = np.empty((B, H), dt)
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         a = A[t]
         np.matmul(Hs[t], W_hh, out=tmp)
@@ -351,15 +414,18 @@ def rnn_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", le
             np.maximum(a, 0, out=Hs[t + 1])
         else:
             np.tanh(a, out=Hs[t + 1])
+    yield  # the recurrent loop is done
     saved = (X, W_ih, W_hh, Hs, relu, b_ih is not None, b_hh is not None)
     return Hs[1:], Hs[T].copy(), saved
 
 
-def rnn_backward(dY, dh_n, saved, grad_sq=None):
+def rnn_backward_phases(dY, dh_n, saved, grad_sq=None):
     """BPTT for rnn_forward. Returns (dX, dh0, dW_ih, dW_hh, db_ih, db_hh).
     grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring)."""
+    if isinstance(saved, _Sorted):
+        return (yield from _backward_sorted(rnn_backward_phases, (dY, dh_n), saved, grad_sq))
     if len(saved) > 7 or grad_sq is not None:
-        return _rnn_backward_general(dY, dh_n, saved, grad_sq)
+        return (yield from _rnn_backward_general(dY, dh_n, saved, grad_sq))
     X, W_ih, W_hh, Hs, relu, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -379,6 +445,7 @@ def rnn_backward(dY, dh_n, saved, grad_sq=None):
         WhhT = _transpose(W_hh)
     else:
         gT = np.empty((H, B), dt)
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T - 1, -1, -1):
         # g = dL/dh_t = dY[t] + (dL/da_{t+1}) W_hh^T
         if t == T - 1:
@@ -400,6 +467,7 @@ def rnn_backward(dY, dh_n, saved, grad_sq=None):
                 else:
                     g[...] = gT.T
         dA[t] *= g
+    yield  # the recurrent loop is done
     dh0 = dA[0] @ W_hh.T
     dG = dA.reshape(T * B, H)
     dX = (dG @ W_ih.T).reshape(T, B, I)
@@ -425,6 +493,7 @@ def _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens):
     if b_hh is not None:
         A += _arr(b_hh, dt)
     tmp = np.empty((B, H), dt)
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         b = bt[t]
         a = A[t, :b]
@@ -435,6 +504,7 @@ def _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens):
             np.maximum(a, 0, out=Hs[t + 1, :b])
         else:
             np.tanh(a, out=Hs[t + 1, :b])
+    yield  # the recurrent loop is done
     saved = (X, W_ih, W_hh, Hs, relu, b_ih is not None, b_hh is not None, {"bt": bt, "pack": pack})
     return Hs[1:], _finals(Hs, lens), saved
 
@@ -464,6 +534,7 @@ def _rnn_backward_general(dY, dh_n, saved, grad_sq):
         WhhT = _transpose(W_hh)
     else:
         gT = np.empty((H, B), dt)
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T - 1, -1, -1):
         b = bt[t]
         b1 = bt[t + 1] if t + 1 < T else 0      # rows still going at step t + 1
@@ -486,6 +557,7 @@ def _rnn_backward_general(dY, dh_n, saved, grad_sq):
                 dA[t, b:] = 0
             if gs is not None:
                 gs[t, b:] = 0
+    yield  # the recurrent loop is done
     dh0 = dA[0] @ W_hh.T
     dG, Xg, Hg = _grad_rows(dA.reshape(T * B, H), X.reshape(T * B, I), Hs, bt, B, pack)
     dX = _input_grad(dG, W_ih.T, T, B, bt, pack)
@@ -506,7 +578,7 @@ _LSTM_FWD = (0, 1, 3, 2)          # torch block index of each forward block
 _LSTM_SCALE = (0.5, 0.5, 0.5, 1)  # sigmoid blocks pre-scaled by 1/2
 
 
-def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
+def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
     """LSTM over a whole sequence.
 
     Returns (Y, h_n, c_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in
@@ -529,10 +601,14 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, reco
     T, B, I = X.shape
     H = W_hh.shape[0]
     if lengths is not None or recompute_every is not None:
+        order = _sort_order(lengths, B)
+        if order is not None:
+            return (yield from _forward_sorted(lstm_forward_phases, order, X, (h0, c0), (W_ih, W_hh, b_ih, b_hh),
+                                               lengths, recompute_every=recompute_every))
         k = _every(recompute_every)
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
-            return _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k)
+            return (yield from _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5, with the 1/2 folded into copies of the sigmoid
     # columns of the weights and bias: one tanh over all 4H pre-activations of a step
@@ -564,6 +640,7 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, reco
     Cl = list(Cs)
     TCl = list(TC)
     mul = np.multiply
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         g4 = Gl[t]
         np.matmul(Hl[t], Wh, out=tmp4)
@@ -578,11 +655,12 @@ def lstm_forward(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, reco
         c += tmp
         np.tanh(c, out=TCl[t])
         mul(Ol[t], TCl[t], out=Hl[t + 1])
+    yield  # the recurrent loop is done
     saved = (X, W_ih, W_hh, Hs, Cs, Gt, TC, b_ih is not None, b_hh is not None)
     return Hs[1:], Hs[T].copy(), Cs[T].copy(), saved
 
 
-def lstm_backward(dY, dh_n, dc_n, saved, grad_sq=None):
+def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
     """BPTT for lstm_forward. Returns (dX, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh).
     grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring).
 
@@ -592,8 +670,10 @@ def lstm_backward(dY, dh_n, dc_n, saved, grad_sq=None):
         dc   = dc_next + dh * [o (1-tanh(c)^2)],   dc_prev = dc * f,   dh_prev = da @ W_hh^T
     da is stored in torch's order (i, f, g, o): i, f, g take one broadcast multiply by dc.
     """
+    if isinstance(saved, _Sorted):
+        return (yield from _backward_sorted(lstm_backward_phases, (dY, dh_n, dc_n), saved, grad_sq))
     if len(saved) > 9 or grad_sq is not None:
-        return _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq)
+        return (yield from _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq))
     X, W_ih, W_hh, Hs, Cs, Gt, TC, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -618,6 +698,7 @@ def lstm_backward(dY, dh_n, dc_n, saved, grad_sq=None):
     tmp = np.empty((B, H), dt)
     mul, sub = np.multiply, np.subtract
 
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
         # ---- recurrence-independent factors of steps lo..hi-1, written into dA ----
         G = Gt[lo:hi]                                  # (i, f, o, g)
@@ -665,6 +746,7 @@ def lstm_backward(dY, dh_n, dc_n, saved, grad_sq=None):
             dA3[t] *= dc[:, None, :]
             dc *= F[t]                                # dc_{t-1} = dc_t * f_t
 
+    yield  # the recurrent loop is done
     dh0 = dA[0] @ W_hh.T
     dG = dA.reshape(T * B, H4)
     dX = (dG @ W_ih.T).reshape(T, B, I)
@@ -743,7 +825,9 @@ def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
         Cs = alloc((T + 1, B, H), dt)
         Cs[0] = _h0(c0, B, H, dt)
         TC = alloc((T, B, H), dt)
+        yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
         _lstm_steps(Gt, list(Cs), list(TC), Hs, Wh, 0, bt, tmp4, tmp, True)
+        yield  # the recurrent loop is done
         saved = (X, W_ih, W_hh, Hs, Cs, Gt, TC) + has + ({"bt": bt, "pack": pack},)
         return Hs[1:], _finals(Hs, lens), _finals(Cs, lens), saved
     # recompute: c runs in one (B, H) array (a row stops changing after its sequence's last
@@ -825,6 +909,8 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
             dW_hh = np.zeros((H, H4), dt)
             db = np.zeros(H4, dt) if (has_bi or has_bh) else None
     nxt = None                                       # gate gradients of step t + 1
+    if k is None:
+        yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for si in range(len(segs) - 1, -1, -1):
         slo, shi = segs[si]
         n = shi - slo
@@ -910,6 +996,8 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
             dW_hh += Hs[slo:shi].reshape(n * B, H).T @ Df
             if db is not None:
                 db += _col_sum(Df)
+    if k is None:
+        yield  # the recurrent loop is done
     dh0 = nxt @ W_hh.T
     if exact:
         dG, Xg, Hg = _grad_rows(dA.reshape(T * B, H4), X2, Hs, bt, B, pack, Xg)
@@ -933,7 +1021,7 @@ _GRU_IN_SCALE = (1, 0.5, 0.5)
 _GRU_IN_BACK = (1, 2, 0)          # (n, r, z) -> torch (r, z, n)
 
 
-def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
+def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute_every=None):
     """GRU over a whole sequence.
 
     Returns (Y, h_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in saved;
@@ -957,10 +1045,14 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute
     T, B, I = X.shape
     H = W_hh.shape[0]
     if lengths is not None or recompute_every is not None:
+        order = _sort_order(lengths, B)
+        if order is not None:
+            return (yield from _forward_sorted(gru_forward_phases, order, X, (h0,), (W_ih, W_hh, b_ih, b_hh), lengths,
+                                               recompute_every=recompute_every))
         k = _every(recompute_every)
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
-            return _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k)
+            return (yield from _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5 with the 1/2 folded into the r, z weight columns
     Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
@@ -989,6 +1081,7 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute
     HWn = list(HW[:, :, H2:])
     Hl = list(Hs)
     mul = np.multiply
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         np.matmul(Hl[t], Wh, out=HWl[t])
         hn = HWn[t]
@@ -1007,11 +1100,12 @@ def gru_forward(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, recompute
         np.subtract(Hl[t], n, out=tmp)
         tmp *= Zl[t]
         np.add(n, tmp, out=Hl[t + 1])
+    yield  # the recurrent loop is done
     saved = (X, W_ih, W_hh, Hs, Gt, HW, b_ih is not None, b_hh is not None)
     return Hs[1:], Hs[T].copy(), saved
 
 
-def gru_backward(dY, dh_n, saved, grad_sq=None):
+def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     """BPTT for gru_forward. Returns (dX, dh0, dW_ih, dW_hh, db_ih, db_hh).
     grad_sq: optional (T, B) float array filled with ||dL/dh_t||^2 (module docstring).
 
@@ -1023,8 +1117,10 @@ def gru_backward(dY, dh_n, saved, grad_sq=None):
     D[:, :3H] is the input-side gradient (n, r, z), D[:, H:] the hidden side in torch's
     order (r, z, n): both weight-gradient GEMMs read plain column slices of D.
     """
+    if isinstance(saved, _Sorted):
+        return (yield from _backward_sorted(gru_backward_phases, (dY, dh_n), saved, grad_sq))
     if len(saved) > 8 or grad_sq is not None:
-        return _gru_backward_general(dY, dh_n, saved, grad_sq)
+        return (yield from _gru_backward_general(dY, dh_n, saved, grad_sq))
     X, W_ih, W_hh, Hs, Gt, HW, has_bi, has_bh = saved
     dt = X.dtype
     T, B, I = X.shape
@@ -1046,6 +1142,7 @@ def gru_backward(dY, dh_n, saved, grad_sq=None):
     tmp = np.empty((B, H), dt)
     mul, sub = np.multiply, np.subtract
 
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
         G = Gt[lo:hi]
         n, r, z = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:]
@@ -1079,6 +1176,7 @@ def gru_backward(dY, dh_n, saved, grad_sq=None):
                 dh += dY[t]
             D4[t] *= dh[:, None, :]
 
+    yield  # the recurrent loop is done
     dh0 = Dh[0] @ W_hh.T
     dh *= Z[0]
     dh0 += dh
@@ -1167,7 +1265,9 @@ def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
         _project_into(X2, Wi, bias, Gt.reshape(T * B, H3), bt, B, _packed_input(X2, bt, B, pack))
     if k is None:
         HW = alloc((T, B, H3), dt)
+        yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
         _gru_steps(Gt, list(HW), Hs, Wh, b_hn, 0, bt, tmp, True)
+        yield  # the recurrent loop is done
         saved = (X, W_ih, W_hh, Hs, Gt, HW) + has + ({"bt": bt, "pack": pack},)
         return Hs[1:], _finals(Hs, lens), saved
     exact = _RECOMPUTE_EXACT
@@ -1236,6 +1336,8 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
             dW_hh = np.zeros((H, H3), dt)
             S = np.zeros(H4, dt) if (has_bi or has_bh) else None
     znext = Dnext = None                               # z and D of step t + 1
+    if k is None:
+        yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for si in range(len(segs) - 1, -1, -1):
         slo, shi = segs[si]
         n = shi - slo
@@ -1314,6 +1416,8 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
             dW_hh += Hs[slo:shi].reshape(n * B, H).T @ Df[:, H:]
             if S is not None:
                 S += _col_sum(Df)
+    if k is None:
+        yield  # the recurrent loop is done
     dh0 = Dnext[:, H:] @ W_hh.T
     dh *= znext
     dh0 += dh
@@ -1332,3 +1436,29 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
     else:
         db_ih = db_hh = None
     return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
+
+
+# ----------------------------------------------------------------------------------------
+# The plain kernels: each phased kernel run straight through
+# ----------------------------------------------------------------------------------------
+
+def _plain(phases):
+    """The kernel that runs the generator `phases` to its end and returns what it returns."""
+    @functools.wraps(phases)
+    def kernel(*args, **kwargs):
+        run = phases(*args, **kwargs)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+    kernel.__name__ = kernel.__qualname__ = phases.__name__[:-len("_phases")]
+    return kernel
+
+
+rnn_forward = _plain(rnn_forward_phases)
+rnn_backward = _plain(rnn_backward_phases)
+lstm_forward = _plain(lstm_forward_phases)
+lstm_backward = _plain(lstm_backward_phases)
+gru_forward = _plain(gru_forward_phases)
+gru_backward = _plain(gru_backward_phases)

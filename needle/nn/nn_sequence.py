@@ -187,22 +187,18 @@ class _GradFlow:
     """Squared norms of dL/dh_t per (layer, direction) row, step and sequence, filled during backward.
 
     Rows are in h_n's order. Reverse-direction rows are kept in processing order and mapped back to input
-    steps when read; a sorted batch (fused path with lengths) is mapped back to the caller's order on entry.
+    steps when read.
     """
 
-    def __init__(self, rows, seq_len, bs, lengths, order):
+    def __init__(self, rows, seq_len, bs, lengths):
         self.squares = np.zeros((rows, seq_len, bs))
         self.reversed_rows = set()
         self.filled = False
-        self.lengths, self.order = lengths, order
+        self.lengths = lengths
 
     def record_block(self, row, reverse, squares):
-        """squares (seq_len, bs) in processing order of the (possibly sorted) batch."""
-        squares = np.asarray(squares, dtype=np.float64)
-        if self.order is not None:
-            self.squares[row][:, self.order] = squares
-        else:
-            self.squares[row] = squares
+        """squares (seq_len, bs), steps in processing order."""
+        self.squares[row] = np.asarray(squares, dtype=np.float64)
         self._mark(row, reverse)
 
     def step_recorder(self, row, step, reverse):
@@ -312,25 +308,11 @@ class _Recurrent(Module):
         states = self._initial_states(X, h0)
         masks = self._dropout_masks(X)
         fused = self.fused and ops.has_fused_kernels(X.device, self.kind)
-        order = None
-        if fused and lengths is not None and (np.diff(lengths) > 0).any():
-            # sort by length once per call, so each step runs only the sequences still going
-            order = np.argsort(-lengths, kind="stable")
-            X = ops.reorder(X, order, 1)
-            states = [None if s is None else tuple(ops.reorder(x, order, 0) for x in s) for s in states]
-            masks = [None if m is None else ops.reorder(m, order, 1) for m in masks]
-            lengths = lengths[order]
-        rows = len(states)
-        recorder = _GradFlow(rows, seq_len, bs, lengths if order is None else lengths[np.argsort(order)], order) \
-            if self.record_grad_flow else None
+        recorder = _GradFlow(len(states), seq_len, bs, lengths) if self.record_grad_flow else None
         if fused or self.bidirectional:
             output, finals = self._forward_by_layer(X, states, lengths, masks, recorder, fused)
         else:
             output, finals = self._forward_by_step(X, states, lengths, masks, recorder)
-        if order is not None:
-            inverse = np.argsort(order)
-            output = ops.reorder(output, inverse, 1)
-            finals = [tuple(ops.reorder(x, inverse, 0) for x in f) for f in finals]
         self._grad_flow = recorder
         stacked = tuple(ops.stack([f[k] for f in finals], 0) for k in range(self.n_states))
         if self.batch_first:
@@ -379,10 +361,19 @@ class _Recurrent(Module):
 
     def _forward_by_layer(self, X, states, lengths, masks, recorder, fused):
         """Layer by layer (bidirectional layers need the whole sequence of the layer below), each direction
-        as one fused op or as a walk over time steps through its cell."""
+        as one fused op or as a walk over time steps through its cell; where the backend can, a fused
+        bidirectional layer is one op that runs both directions' loops side by side."""
         finals = []
         directions = 2 if self.bidirectional else 1
+        pairs = fused and directions == 2 and ops.has_phased_kernels(X.device, self.kind)
         for layer in range(self.num_layers):
+            if pairs:
+                X, pair_finals = self._run_fused_pair(self._layer_cells(layer), X, states[2 * layer:2 * layer + 2],
+                                                      lengths, recorder, 2 * layer)
+                finals += pair_finals
+                if masks[layer] is not None:
+                    X = X * masks[layer]
+                continue
             outputs = []
             for direction, cell in enumerate(self._layer_cells(layer)):
                 row = layer * directions + direction
@@ -402,14 +393,29 @@ class _Recurrent(Module):
     def _reverse(X, lengths):
         return ops.flip(X, (0,)) if lengths is None else ops.reverse_sequences(X, lengths)
 
-    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+    def _fused_parts(self, cell, X, state, lengths, recorder, row, reverse):
+        """(the fused op of one layer and direction, its inputs after X)."""
         record = None
         if recorder is not None:
             def record(squares):
                 recorder.record_block(row, reverse, squares)
-        result = self._layer_op(cell, X, state or self._zeros_state(X.shape[1], X), lengths=lengths,
-                                recompute_every=self.recompute_every, record=record).tuple()
+        weights = (cell.W_ih, cell.W_hh) + (() if cell.bias_ih is None else (cell.bias_ih, cell.bias_hh))
+        op = self._layer_op(cell, cell.bias_ih is not None, lengths=lengths, recompute_every=self.recompute_every,
+                            record=record)
+        return op, tuple(state or self._zeros_state(X.shape[1], X)) + weights
+
+    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+        op, inputs = self._fused_parts(cell, X, state, lengths, recorder, row, reverse)
+        result = op(X, *inputs).tuple()
         return result[0], result[1:]
+
+    def _run_fused_pair(self, cells, X, states, lengths, recorder, row):
+        """Both directions of a layer as one op; returns (output (T, B, 2H), [forward final, reverse final])."""
+        forward, forward_inputs = self._fused_parts(cells[0], X, states[0], lengths, recorder, row, False)
+        reverse, reverse_inputs = self._fused_parts(cells[1], X, states[1], lengths, recorder, row + 1, True)
+        result = ops.bidirectional_layer(X, forward, forward_inputs, reverse, reverse_inputs, lengths).tuple()
+        n = self.n_states
+        return result[0], [result[1:1 + n], result[1 + n:]]
 
     def _run_by_step(self, cell, X, state, lengths, recorder, row, reverse):
         active = self._active(X, lengths)
@@ -420,7 +426,8 @@ class _Recurrent(Module):
             outputs.append(y)
         return ops.stack(outputs, 0), state
 
-    def _layer_op(self, cell, X, state, **options):
+    def _layer_op(self, cell, bias, **options):
+        """The fused op of one layer and direction (ops_recurrent), not yet applied."""
         raise NotImplementedError()
 
 
@@ -464,9 +471,8 @@ class RNN(_Recurrent):
                          lambda size: RNNCell(size, hidden_size, bias, nonlinearity, device, dtype),
                          batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
 
-    def _layer_op(self, cell, X, state, **options):
-        return ops.rnn_layer(X, state[0], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh,
-                             nonlinearity=cell.nonlinearity, **options)
+    def _layer_op(self, cell, bias, **options):
+        return ops.RNNLayer(bias, nonlinearity=cell.nonlinearity, **options)
 
 
 class LSTM(_Recurrent):
@@ -493,8 +499,8 @@ class LSTM(_Recurrent):
     def forward(self, X, h=None, lengths=None):
         return super().forward(X, h, lengths)
 
-    def _layer_op(self, cell, X, state, **options):
-        return ops.lstm_layer(X, state[0], state[1], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh, **options)
+    def _layer_op(self, cell, bias, **options):
+        return ops.LSTMLayer(bias, **options)
 
 
 class GRU(_Recurrent):
@@ -517,8 +523,8 @@ class GRU(_Recurrent):
                          lambda size: GRUCell(size, hidden_size, bias, device, dtype),
                          batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
 
-    def _layer_op(self, cell, X, state, **options):
-        return ops.gru_layer(X, state[0], cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh, **options)
+    def _layer_op(self, cell, bias, **options):
+        return ops.GRULayer(bias, **options)
 
 
 class Embedding(Module):

@@ -187,18 +187,22 @@ class _GradFlow:
     """Squared norms of dL/dh_t per (layer, direction) row, step and sequence, filled during backward.
 
     Rows are in h_n's order. Reverse-direction rows are kept in processing order and mapped back to input
-    steps when read.
+    steps when read; a sorted batch (fused path with lengths) is mapped back to the caller's order on entry.
     """
 
-    def __init__(self, rows, seq_len, bs, lengths):
+    def __init__(self, rows, seq_len, bs, lengths, order):
         self.squares = np.zeros((rows, seq_len, bs))
         self.reversed_rows = set()
         self.filled = False
-        self.lengths = lengths
+        self.lengths, self.order = lengths, order
 
     def record_block(self, row, reverse, squares):
-        """squares (seq_len, bs), steps in processing order."""
-        self.squares[row] = np.asarray(squares, dtype=np.float64)
+        """squares (seq_len, bs) in processing order of the (possibly sorted) batch."""
+        squares = np.asarray(squares, dtype=np.float64)
+        if self.order is not None:
+            self.squares[row][:, self.order] = squares
+        else:
+            self.squares[row] = squares
         self._mark(row, reverse)
 
     def step_recorder(self, row, step, reverse):
@@ -308,11 +312,26 @@ class _Recurrent(Module):
         states = self._initial_states(X, h0)
         masks = self._dropout_masks(X)
         fused = self.fused and ops.has_fused_kernels(X.device, self.kind)
-        recorder = _GradFlow(len(states), seq_len, bs, lengths) if self.record_grad_flow else None
+        order = None
+        if fused and lengths is not None and (np.diff(lengths) > 0).any():
+            # sort by length once per call, so each step runs only the sequences still going (the kernels
+            # would sort an unsorted batch themselves, but once per layer)
+            order = np.argsort(-lengths, kind="stable")
+            X = ops.reorder(X, order, 1)
+            states = [None if s is None else tuple(ops.reorder(x, order, 0) for x in s) for s in states]
+            masks = [None if m is None else ops.reorder(m, order, 1) for m in masks]
+            lengths = lengths[order]
+        rows = len(states)
+        recorder = _GradFlow(rows, seq_len, bs, lengths if order is None else lengths[np.argsort(order)], order) \
+            if self.record_grad_flow else None
         if fused or self.bidirectional:
             output, finals = self._forward_by_layer(X, states, lengths, masks, recorder, fused)
         else:
             output, finals = self._forward_by_step(X, states, lengths, masks, recorder)
+        if order is not None:
+            inverse = np.argsort(order)
+            output = ops.reorder(output, inverse, 1)
+            finals = [tuple(ops.reorder(x, inverse, 0) for x in f) for f in finals]
         self._grad_flow = recorder
         stacked = tuple(ops.stack([f[k] for f in finals], 0) for k in range(self.n_states))
         if self.batch_first:

@@ -8,7 +8,8 @@ a share of numpy's float32 GEMM peak measured at the start of the run.
 
 --variants adds rows for bidirectional layers ("bi") and for per-sequence lengths drawn uniformly from
 [seq_len/2, seq_len] ("len"; torch through pack_padded_sequence(enforce_sorted=False) and
-pad_packed_sequence); their last column is needle's time over its own unidirectional, full-length time.
+pad_packed_sequence); their last column is needle's time over its own unidirectional, full-length time,
+measured interleaved with it in the same group of steps.
 
     python benchmarks/bench_recurrent.py
     python benchmarks/bench_recurrent.py --kinds lstm --workloads medium large --reference
@@ -143,18 +144,14 @@ def main():
     for kind in args.kinds:
         for name in args.workloads:
             workload = WORKLOADS[name]
-            uni_ms = None
             for variant in args.variants:
                 steps = [needle_step(kind, workload, True, variant), torch_step(kind, workload, variant)]
                 if args.reference:
                     steps.append(needle_step(kind, workload, False, variant))
-                if variant != "uni" and uni_ms is None:
+                if variant != "uni":  # its own unidirectional, full-length step, interleaved with it
                     steps.append(needle_step(kind, workload, True, "uni"))
                 times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
-                if variant == "uni":
-                    uni_ms = times[0]
-                elif uni_ms is None:
-                    uni_ms = times[-1]
+                uni_ms = times[-1]
                 flops = step_flops(kind, *workload, directions=2 if variant == "bi" else 1)
                 gflops = flops / (times[0] / 1e3) / 1e9
                 line = (f"{kind:5} {name:8} {variant:7} {times[0]:10.2f} {times[1]:10.2f} "

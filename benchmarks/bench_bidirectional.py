@@ -58,7 +58,8 @@ def main():
     np.random.seed(0)
     default_min = parallel_numpy._SIDE_BY_SIDE_MIN
     print(f"# needle threads {parallel_numpy.num_threads()}, side-by-side threshold {default_min} elements per step")
-    print(f"{'kind':5} {'workload':8} {'uni ms':>8} {'bi seq ms':>10} {'bi side ms':>11} {'seq/uni':>8} {'side/uni':>9}")
+    print(f"{'kind':5} {'workload':8} {'uni ms':>8} {'bi seq ms':>10} {'bi side ms':>11} {'seq/uni':>8} "
+          f"{'side/uni':>9}")
     for kind in args.kinds:
         for name in args.workloads:
             uni = training_step(kind, WORKLOADS[name], False)

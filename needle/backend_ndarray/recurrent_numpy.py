@@ -49,11 +49,12 @@ after the other on every BLAS thread. A kernel with recompute_every yields nowhe
 
 Options (all default to None; with none given the kernels run the plain code above, untouched):
   * lengths (forwards): int array (B,), values in [1, T] (PyTorch's packed sequences), in any order:
-    a kernel sorts the batch longest first once per call (and puts its outputs, and in the backward
-    the input and state gradients, back in the caller's order), so that step t runs only its
-    b_t = count(lengths > t) leading rows ([:b_t] slices, no compute-then-mask); Y[t, b] = 0 for t >= lengths[b]; h_n[b] (c_n[b]) is the state after step
-    lengths[b] - 1. The backward ignores dY at padded positions, lets dh_n[b] (dc_n[b]) enter at step
-    lengths[b] - 1 (the running dh/dc rows of a sequence are not touched before it becomes active).
+    a kernel sorts an unsorted batch longest first once per call (and puts its outputs, and in the
+    backward the input and state gradients, back in the caller's order), so that step t runs only its
+    b_t = count(lengths > t) leading rows ([:b_t] slices, no compute-then-mask); Y[t, b] = 0 for
+    t >= lengths[b]; h_n[b] (c_n[b]) is the state after step lengths[b] - 1. The backward ignores
+    dY at padded positions, lets dh_n[b] (dc_n[b]) enter at step lengths[b] - 1 (the running dh/dc
+    rows of a sequence are not touched before it becomes active).
     The big GEMMs (the input projection before the loop; dX, dW_ih, dW_hh and the bias sums after
     it) run over the active rows only, packed to the front of their buffers (gate gradients in
     place, X and H_prev as copies), where the padded rows would cost at least _PACK_MIN_MACS
@@ -370,7 +371,7 @@ def _input_grad(dG, Wt, T, B, bt, pack):
 # ----------------------------------------------------------------------------------------
 
 def rnn_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="tanh", lengths=None,
-                recompute_every=None):
+                       recompute_every=None):
     """Elman RNN over a whole sequence.
 
     Returns (Y, h_n, saved). Y (T, B, H) is a view of the hidden-state buffer kept in saved;

@@ -138,11 +138,17 @@ SHAPES = [  # (T, B, I, H)
 ]
 
 
+# _FEATURE_MAJOR_MAX_BATCH: the LSTM's plain path runs feature-major up to this batch size
+LAYOUTS = {"auto": 32, "batch-major": 0}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
 @pytest.mark.parametrize("kind", list(GATES))
-def test_against_torch(kind, shape, bias, dtype):
+def test_against_torch(kind, shape, bias, dtype, layout, monkeypatch):
+    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", LAYOUTS[layout])
     p = _make(kind, *shape, bias, dtype)
     ours, _ = _ours(kind, p)
     _compare(ours, _torch_ref(kind, p), dtype, bias)
@@ -170,9 +176,10 @@ def test_long_sequence_blocks(kind):
     _compare(ours, _torch_ref(kind, p), np.float64, True)
 
 
+@pytest.mark.parametrize("batch", [4, 1])
 @pytest.mark.parametrize("kind", list(GATES))
-def test_noncontiguous_inputs_unmodified_and_repeatable(kind):
-    p = _make(kind, 6, 4, 5, 3, True, np.float64, seed=3)
+def test_noncontiguous_inputs_unmodified_and_repeatable(kind, batch):
+    p = _make(kind, 6, batch, 5, 3, True, np.float64, seed=3)
     q = dict(p)
     # non-contiguous versions of every input: transposed storage / strided slices
     q["X"] = np.asfortranarray(p["X"])
@@ -207,11 +214,13 @@ def test_float32_stays_float32(kind):
             assert a.dtype == np.float32
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("use_dY", [True, False], ids=["dY", "noDY"])
 @pytest.mark.parametrize("kind", list(GATES))
-def test_other_code_paths(kind, use_dY, dtype, monkeypatch):
-    """The size-dependent paths: W_hh @ dA^T instead of a W_hh^T copy, one-step blocks."""
+def test_other_code_paths(kind, use_dY, dtype, layout, monkeypatch):
+    """The size-dependent paths: W_hh @ dA^T instead of a W_hh^T copy, one-step blocks, either layout."""
+    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", LAYOUTS[layout])
     monkeypatch.setattr(K, "_WT_COPY_MAX", 0)
     monkeypatch.setattr(K, "_BLOCK_BYTES", 1)
     p = _make(kind, 9, 5, 7, 6, True, dtype, seed=4)
@@ -307,7 +316,10 @@ RECOMPUTE_K = [1, 2, 3, 9, 14]   # T = 9
 @pytest.mark.parametrize("lens", [None, "mixed", "allshort", "mixed-packed"])
 @pytest.mark.parametrize("kind", list(GATES))
 def test_recompute_is_bitwise_identical(kind, lens, dtype, monkeypatch):
+    """Exact recomputation is bitwise the batch-major plain path (the LSTM's feature-major path for small
+    batches adds in another order: equal to rounding, as the other tests check against torch)."""
     monkeypatch.setattr(K, "_RECOMPUTE_EXACT", True)
+    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", 0)
     if lens == "mixed-packed":
         monkeypatch.setattr(K, "_PACK_MIN_MACS", 0)
         lens = "mixed"
@@ -331,6 +343,7 @@ def test_recompute_bitwise_on_awkward_gemm_shapes(kind, monkeypatch):
     """Shapes where, with this machine's OpenBLAS, a segment-sized projection GEMM differs from the
     all-steps one in the last bits (Y itself would differ); the one-GEMM recomputation does not."""
     monkeypatch.setattr(K, "_RECOMPUTE_EXACT", True)
+    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", 0)
     p = _make(kind, 40, 3, 50, 50, True, np.float32, seed=9)
     ref, _ = _ours(kind, p)
     for k in (3, 7):

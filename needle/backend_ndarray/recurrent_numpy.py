@@ -36,7 +36,7 @@ How it is made fast (see /work/shared/PERF_NOTES.md):
     derivatives times the other operand of each product) is computed in bulk, block by
     block of time steps while the block is hot in cache, straight into the gradient
     buffer; a step then only does its GEMM and a few in-place multiplies;
-  * small batches (the LSTM's, B <= 32) run feature-major: a step's gates and states as (features,
+  * small batches (LSTM and GRU, B <= 32) run feature-major: a step's gates and states as (features,
     batch) arrays, so each recurrent GEMM is weights @ states, which OpenBLAS runs faster for few
     rows than states @ weights, and each gate is a contiguous block of rows;
   * preallocated buffers, out= and in-place ufuncs; a contiguous W_hh^T for the backward
@@ -775,16 +775,16 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
     return dX, dh0, dc, dW_ih, dW_hh, db_ih, db_hh
 
 
-# Batches of at most this many sequences take the LSTM's plain path feature-major: a step's gates and
-# states are (features, batch) arrays, so the recurrent GEMMs are W_hh^T (4H, H) @ h (H, B) and
-# W_hh (H, 4H) @ da (4H, B), which OpenBLAS runs about 30% faster for B = 10-20 than h (B, H) @ W (H, 4H),
-# and each gate is a contiguous block of rows. Larger batches stay batch-major (64 x 1024: the
-# feature-major forward was 37% slower).
+# Batches of at most this many sequences take the LSTM's and the GRU's plain path feature-major: a
+# step's gates and states are (features, batch) arrays, so the recurrent GEMMs are W_hh^T (G*H, H) @
+# h (H, B) and W_hh (H, G*H) @ da (G*H, B), which OpenBLAS runs about 30% faster for B = 10-20 than
+# h (B, H) @ W (H, G*H), and each gate is a contiguous block of rows. Larger batches stay batch-major
+# (LSTM 64 x 1024: the feature-major forward was 37% slower).
 _FEATURE_MAJOR_MAX_BATCH = 32
 
 
 class _FeatureMajor(tuple):
-    """saved of the LSTM's feature-major path (_lstm_forward_fm)."""
+    """saved of a feature-major plain path (_lstm_forward_fm, _gru_forward_fm)."""
 
 
 def _lstm_forward_fm(X, h0, c0, W_ih, W_hh, b_ih, b_hh):
@@ -1196,6 +1196,8 @@ def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, re
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
             return (yield from _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
+    if B <= _FEATURE_MAJOR_MAX_BATCH:
+        return (yield from _gru_forward_fm(X, h0, W_ih, W_hh, b_ih, b_hh))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5 with the 1/2 folded into the r, z weight columns
     Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
@@ -1262,6 +1264,8 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     """
     if isinstance(saved, _Sorted):
         return (yield from _backward_sorted(gru_backward_phases, (dY, dh_n), saved, grad_sq))
+    if isinstance(saved, _FeatureMajor):
+        return (yield from _gru_backward_fm(dY, dh_n, saved, grad_sq))
     if len(saved) > 8 or grad_sq is not None:
         return (yield from _gru_backward_general(dY, dh_n, saved, grad_sq))
     X, W_ih, W_hh, Hs, Gt, HW, has_bi, has_bh = saved
@@ -1351,6 +1355,122 @@ def _gru_bias(b_ih, b_hh, H, dt):
         b[:2 * H] += bh[:2 * H]
         b_hn = bh[2 * H:]
     return _gates(b, H, _GRU_IN, _GRU_IN_SCALE), b_hn
+
+
+def _gru_forward_fm(X, h0, W_ih, W_hh, b_ih, b_hh):
+    """gru_forward's plain path for small batches, feature-major (see _FEATURE_MAJOR_MAX_BATCH), with
+    exactly its arithmetic. saved = _FeatureMajor((X, W_ih, W_hh, Hb, Gt, HW, has_b_ih, has_b_hh)):
+    Hb (T+1, B, H) = [h0, h_1..h_T] batch-major (Y is Hb[1:]); Gt (T, 3H, B) activated gates (rows
+    n, r, z) and HW (T, 3H, B) = W_hh^T h_{t-1} (rows r, z, n; b_hn added to n), feature-major."""
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H2, H3 = 2 * H, 3 * H
+    WhT = _gates_t(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))                  # (3H, H), rows r, z, n
+    P = np.matmul(X.reshape(T * B, I), _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE)).reshape(T, B, H3)
+    bias, b_hn = _gru_bias(b_ih, b_hh, H, dt)
+    if bias is not None:
+        P += bias
+    b_hn = None if b_hn is None else b_hn[:, None]
+    PT = list(P.transpose(0, 2, 1))     # step t's projection as a (3H, B) view (rows n, r, z)
+    Gt = np.empty((T, H3, B), dt)
+    HW = np.empty((T, H3, B), dt)
+    Hs = np.empty((T + 1, H, B), dt)
+    Hs[0] = _h0(h0, B, H, dt).T
+    tmp = np.empty((H, B), dt)
+    Hl, Gl, HWl = list(Hs), list(Gt), list(HW)
+    mul = np.multiply
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
+    for t in range(T):
+        hw, g, p = HWl[t], Gl[t], PT[t]
+        np.matmul(WhT, Hl[t], out=hw)
+        hn = hw[H2:]
+        if b_hn is not None:
+            hn += b_hn
+        rz = g[H:]
+        np.add(p[H:], hw[:H2], out=rz)
+        np.tanh(rz, out=rz)
+        rz *= 0.5
+        rz += 0.5
+        n = g[:H]
+        mul(g[H:H2], hn, out=tmp)
+        np.add(p[:H], tmp, out=n)
+        np.tanh(n, out=n)
+        # h' = n + z * (h - n)
+        np.subtract(Hl[t], n, out=tmp)
+        tmp *= g[H2:]
+        np.add(n, tmp, out=Hl[t + 1])
+    yield  # the recurrent loop is done
+    Hb = np.empty((T + 1, B, H), dt)
+    Hb[...] = Hs.transpose(0, 2, 1)
+    saved = _FeatureMajor((X, W_ih, W_hh, Hb, Gt, HW, b_ih is not None, b_hh is not None))
+    return Hb[1:], Hb[T].copy(), saved
+
+
+def _gru_backward_fm(dY, dh_n, saved, grad_sq):
+    """gru_backward for _gru_forward_fm: the same factors and recurrence on (features, batch) arrays,
+    D (T, 4H, B) with rows [da_n | da_r | da_z | d(h W_hn + b_hn)]; the gate gradients are turned
+    batch-major once, after the loop, for the weight-gradient GEMMs."""
+    X, W_ih, W_hh, Hb, Gt, HW, has_bi, has_bh = saved
+    dt = X.dtype
+    T, B, I = X.shape
+    H = W_hh.shape[0]
+    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    gs = _grad_sq(grad_sq, T, B)
+    dYf = None if dY is None else np.ascontiguousarray(_arr(dY, dt).transpose(0, 2, 1))   # (T, H, B)
+    dh = np.zeros((H, B), dt) if dh_n is None else _arr(dh_n, dt).T.copy()   # fresh: written in place
+    D = np.empty((T, H4, B), dt)
+    D4 = D.reshape(T, 4, H, B)
+    Dh = D[:, H:]                                    # hidden side, rows (r, z, n)
+    Z = Gt[:, H2:]
+    tmp = np.empty((H, B), dt)
+    mul, sub = np.multiply, np.subtract
+    yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
+    for lo, hi in _blocks(T, B * H4 * dt.itemsize):
+        G = Gt[lo:hi]
+        n, r, z = G[:, :H], G[:, H:H2], G[:, H2:]
+        hn = HW[lo:hi, H2:]
+        Db = D[lo:hi]
+        Pn, Pr, Pz, Phn = Db[:, :H], Db[:, H:H2], Db[:, H2:H3], Db[:, H3:]
+        mul(n, n, out=Pn)
+        sub(1, Pn, out=Pn)
+        sub(1, z, out=Pz)
+        Pn *= Pz                                      # P_n = (1 - z)(1 - n^2)
+        mul(Pn, r, out=Phn)                           # P_hn = P_n r
+        sub(1, r, out=Pr)
+        Pr *= hn
+        Pr *= Phn                                     # P_r = P_hn hn (1 - r)
+        Pz *= z
+        Pz *= sub(Hb[lo:hi].transpose(0, 2, 1), n)    # P_z = (h_prev - n) z (1 - z)
+        for t in range(hi - 1, lo - 1, -1):
+            if t < T - 1:
+                # dh_t = dY[t] + z_{t+1} dh_{t+1} + W_hh @ D[t+1][H:]
+                dh *= Z[t + 1]
+                np.matmul(W_hh, Dh[t + 1], out=tmp)
+                dh += tmp
+            if dYf is not None:
+                dh += dYf[t]
+            if gs is not None:
+                gs[t] = np.einsum("ij,ij->j", dh, dh)
+            D4[t] *= dh
+    yield  # the recurrent loop is done
+    dh0 = Dh[0].T @ W_hh.T
+    dh *= Z[0]
+    dh0 += dh.T
+    dG = np.empty((T, B, H4), dt)
+    dG[...] = D.transpose(0, 2, 1)
+    Df = dG.reshape(T * B, H4)
+    Din = Df[:, :H3]
+    dX = (Din @ _gates(W_ih, H, _GRU_IN).T).reshape(T, B, I)
+    dW_ih = _gates(X.reshape(T * B, I).T @ Din, H, _GRU_IN_BACK)
+    dW_hh = Hb[:T].reshape(T * B, H).T @ Df[:, H:]
+    if has_bi or has_bh:
+        S = _col_sum(Df)
+        db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
+        db_hh = S[H:].copy() if has_bh else None
+    else:
+        db_ih = db_hh = None
+    return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
 def _gru_steps(G, HWl, Hs, Wh, b_hn, lo, bt, tmp, write_h):

@@ -126,6 +126,19 @@ def test_module_matches_torch(kind, config, fused):
                      "grads of W_ih, W_hh, bias_ih, bias_hh per layer")
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_module_matches_torch_past_the_feature_major_batch(kind):
+    """A batch above _FEATURE_MAJOR_MAX_BATCH: the fused layers run batch-major (the configurations above,
+    batch 1 and 15, run the LSTM and GRU feature-major)."""
+    module, tmodule, x, h0, grads, is_lstm = make_case(kind, (40, 5, 6, 7, 2, True, True), True)
+    values, input_grads = run_needle(module, x, h0, is_lstm, grads)
+    t_values, t_input_grads = run_torch(tmodule, x, h0, is_lstm, grads)
+    assert_all_close(values, t_values, "output, h_n (c_n)")
+    assert_all_close(input_grads, t_input_grads, "grad of X, h0 (c0)")
+    assert_all_close(param_grads(module, KINDS[kind][3]), torch_param_grads(tmodule, 2, True),
+                     "grads of W_ih, W_hh, bias_ih, bias_hh per layer")
+
+
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=CONFIG_IDS[::3])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fused_equals_reference(kind, config):

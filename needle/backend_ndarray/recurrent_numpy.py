@@ -160,6 +160,16 @@ def _bias_grads(dG, has_bi, has_bh):
     return (db.copy() if has_bi else None), (db if has_bh else None)
 
 
+def _weight_grads(dG, X, W_ih, H_prev, has_bi, has_bh):
+    """(dX (T, B, I), dW_ih, dW_hh, db_ih, db_hh) from the gate gradients dG (T*B, G*H) of every step,
+    one GEMM each; H_prev (T, B, H) holds every step's h_{t-1}."""
+    T, B, I = X.shape
+    dX = (dG @ W_ih.T).reshape(T, B, I)
+    dW_ih = X.reshape(T * B, I).T @ dG
+    dW_hh = H_prev.reshape(T * B, H_prev.shape[2]).T @ dG
+    return (dX, dW_ih, dW_hh) + _bias_grads(dG, has_bi, has_bh)
+
+
 def _gates(W, H, order, scale=None):
     """Copy of W (..., G*H) with its H-wide column blocks in `order`, optionally each block
     multiplied by a scalar from `scale` (the 1/2 of sigmoid-by-tanh, exact)."""
@@ -484,11 +494,7 @@ def rnn_backward_phases(dY, dh_n, saved, grad_sq=None):
         dA[t] *= g
     yield  # the recurrent loop is done
     dh0 = dA[0] @ W_hh.T
-    dG = dA.reshape(T * B, H)
-    dX = (dG @ W_ih.T).reshape(T, B, I)
-    dW_ih = X.reshape(T * B, I).T @ dG
-    dW_hh = Hs[:T].reshape(T * B, H).T @ dG
-    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    dX, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(dA.reshape(T * B, H), X, W_ih, Hs[:T], has_bi, has_bh)
     return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -715,30 +721,12 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
     dh = np.empty((B, H), dt)
     dc = np.zeros((B, H), dt) if dc_n is None else dc_n.copy()
     tmp = np.empty((B, H), dt)
-    mul, sub = np.multiply, np.subtract
+    mul = np.multiply
 
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
         # ---- recurrence-independent factors of steps lo..hi-1, written into dA ----
-        G = Gt[lo:hi]                                  # (i, f, o, g)
-        D = dA[lo:hi]                                  # (i, f, g, o)
-        i, f, o, g = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:H3], G[:, :, H3:]
-        tc = TC[lo:hi]
-        Dif, Dg, Do = D[:, :, :H2], D[:, :, H2:H3], D[:, :, H3:]
-        Kb = Kc[lo:hi]
-        mul(G[:, :, :H2], G[:, :, :H2], out=Dif)
-        sub(G[:, :, :H2], Dif, out=Dif)                # s(1-s) for i, f
-        mul(o, o, out=Do)
-        sub(o, Do, out=Do)                             # s(1-s) for o
-        mul(g, g, out=Dg)
-        sub(1, Dg, out=Dg)                             # 1 - g^2
-        D[:, :, :H] *= g
-        D[:, :, H:H2] *= Cs[lo:hi]                     # c_{t-1}
-        Dg *= i
-        Do *= tc
-        mul(tc, tc, out=Kb)
-        sub(1, Kb, out=Kb)
-        Kb *= o
+        _lstm_factors(Gt[lo:hi], dA[lo:hi], Cs[lo:hi], TC[lo:hi], Kc[lo:hi], H, 2)
         # ---- the recurrence over this block ----
         for t in range(hi - 1, lo - 1, -1):
             # dh = dL/dh_t = dY[t] + da_{t+1} @ W_hh^T
@@ -767,11 +755,7 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
 
     yield  # the recurrent loop is done
     dh0 = dA[0] @ W_hh.T
-    dG = dA.reshape(T * B, H4)
-    dX = (dG @ W_ih.T).reshape(T, B, I)
-    dW_ih = X.reshape(T * B, I).T @ dG
-    dW_hh = Hs[:T].reshape(T * B, H).T @ dG
-    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    dX, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(dA.reshape(T * B, H4), X, W_ih, Hs[:T], has_bi, has_bh)
     return dX, dh0, dc, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -785,6 +769,14 @@ _FEATURE_MAJOR_MAX_BATCH = 32
 
 class _FeatureMajor(tuple):
     """saved of a feature-major plain path (_lstm_forward_fm, _gru_forward_fm)."""
+
+
+def _feature_major_upstream(dY, finals, H, B, dt):
+    """dY (T, B, H) as a (T, H, B) array (None stays None), and each final state's gradient (B, H) as a
+    fresh (H, B) array (zeros for None): fresh because the backward writes it in place, and with B = 1 a
+    transposed view would be contiguous, so writing it would change the caller's array."""
+    dYf = None if dY is None else np.ascontiguousarray(_arr(dY, dt).transpose(0, 2, 1))
+    return dYf, [np.zeros((H, B), dt) if g is None else _arr(g, dt).T.copy() for g in finals]
 
 
 def _lstm_forward_fm(X, h0, c0, W_ih, W_hh, b_ih, b_hh):
@@ -844,36 +836,16 @@ def _lstm_backward_fm(dY, dh_n, dc_n, saved, grad_sq):
     H = W_hh.shape[0]
     H2, H3, H4 = 2 * H, 3 * H, 4 * H
     gs = _grad_sq(grad_sq, T, B)
-    dYf = None if dY is None else np.ascontiguousarray(_arr(dY, dt).transpose(0, 2, 1))   # (T, H, B)
-    # fresh (H, B) copies: with B = 1 a transposed view is contiguous, and these are written in place
-    dh = np.zeros((H, B), dt) if dh_n is None else _arr(dh_n, dt).T.copy()
-    dc = np.zeros((H, B), dt) if dc_n is None else _arr(dc_n, dt).T.copy()
+    dYf, (dh, dc) = _feature_major_upstream(dY, (dh_n, dc_n), H, B, dt)
     dA = np.empty((T, H4, B), dt)    # gate pre-activation gradients, rows (i, f, g, o)
     Kc = np.empty((T, H, B), dt)     # o * (1 - tanh(c)^2)
     dA3 = dA.reshape(T, 4, H, B)[:, :3]
     F = Gt[:, H:H2]
     tmp = np.empty((H, B), dt)
-    mul, sub = np.multiply, np.subtract
+    mul = np.multiply
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
-        G, D = Gt[lo:hi], dA[lo:hi]                   # rows (i, f, o, g) and (i, f, g, o)
-        i, o, g = G[:, :H], G[:, H2:H3], G[:, H3:]
-        tc = TC[lo:hi]
-        Dif, Dg, Do = D[:, :H2], D[:, H2:H3], D[:, H3:]
-        Kb = Kc[lo:hi]
-        mul(G[:, :H2], G[:, :H2], out=Dif)
-        sub(G[:, :H2], Dif, out=Dif)                  # s(1-s) for i, f
-        mul(o, o, out=Do)
-        sub(o, Do, out=Do)                            # s(1-s) for o
-        mul(g, g, out=Dg)
-        sub(1, Dg, out=Dg)                            # 1 - g^2
-        D[:, :H] *= g
-        D[:, H:H2] *= Cs[lo:hi]                       # c_{t-1}
-        Dg *= i
-        Do *= tc
-        mul(tc, tc, out=Kb)
-        sub(1, Kb, out=Kb)
-        Kb *= o
+        _lstm_factors(Gt[lo:hi], dA[lo:hi], Cs[lo:hi], TC[lo:hi], Kc[lo:hi], H, 1)
         for t in range(hi - 1, lo - 1, -1):
             # dh = dL/dh_t = dY[t] + W_hh @ da_{t+1}  (dh_n at the last step)
             if t < T - 1:
@@ -891,12 +863,32 @@ def _lstm_backward_fm(dY, dh_n, dc_n, saved, grad_sq):
     dh0 = dA[0].T @ W_hh.T
     dG = np.empty((T, B, H4), dt)
     dG[...] = dA.transpose(0, 2, 1)
-    dG = dG.reshape(T * B, H4)
-    dX = (dG @ W_ih.T).reshape(T, B, I)
-    dW_ih = X.reshape(T * B, I).T @ dG
-    dW_hh = Hb[:T].reshape(T * B, H).T @ dG
-    db_ih, db_hh = _bias_grads(dG, has_bi, has_bh)
+    dX, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(dG.reshape(T * B, H4), X, W_ih, Hb[:T], has_bi, has_bh)
     return dX, dh0, dc.T.copy(), dW_ih, dW_hh, db_ih, db_hh
+
+
+def _lstm_factors(G, D, C_prev, TCb, Kb, H, axis):
+    """The recurrence-independent factors of a block of LSTM steps (lstm_backward's docstring), from the
+    activated gates G (i, f, o, g), c_{t-1} and tanh(c_t), into D (i, f, g, o) and Kb = o (1 - tanh(c)^2).
+    Gates lie along `axis` (2 batch-major, 1 feature-major)."""
+    def cut(A, lo, hi):
+        return A[(slice(None),) * axis + (slice(lo * H, hi * H),)]
+    mul, sub = np.multiply, np.subtract
+    i, f_i, o, g = cut(G, 0, 1), cut(G, 0, 2), cut(G, 2, 3), cut(G, 3, 4)
+    Di, Df, Dif, Dg, Do = cut(D, 0, 1), cut(D, 1, 2), cut(D, 0, 2), cut(D, 2, 3), cut(D, 3, 4)
+    mul(f_i, f_i, out=Dif)
+    sub(f_i, Dif, out=Dif)                            # s(1-s) for i, f
+    mul(o, o, out=Do)
+    sub(o, Do, out=Do)                                # s(1-s) for o
+    mul(g, g, out=Dg)
+    sub(1, Dg, out=Dg)                                # 1 - g^2
+    Di *= g
+    Df *= C_prev
+    Dg *= i
+    Do *= TCb
+    mul(TCb, TCb, out=Kb)
+    sub(1, Kb, out=Kb)
+    Kb *= o
 
 
 def _lstm_bias(b_ih, b_hh, H, dt):
@@ -1021,7 +1013,7 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
     dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
     dc = np.zeros((B, H), dt) if dc_n is None else dc_n.copy()
     tmp = np.empty((B, H), dt)
-    mul, sub = np.multiply, np.subtract
+    mul = np.multiply
     row_bytes = B * H4 * dt.itemsize
     dA = np.empty((T, B, H4), dt) if exact else None  # gate gradients (i, f, g, o), all steps
     pack = ext.get("pack", False)                     # else padded rows of dA are zeroed
@@ -1079,25 +1071,7 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
         for lo, hi in _blocks(n, row_bytes):
             # ---- recurrence-independent factors (as lstm_backward), rows active in the block ----
             bm = bt[slo + lo]
-            Gb = G[lo:hi, :bm]                         # (i, f, o, g)
-            Db = D[lo:hi, :bm]                         # (i, f, g, o)
-            i, o, g = Gb[:, :, :H], Gb[:, :, H2:H3], Gb[:, :, H3:]
-            tc = TCa[lo:hi, :bm]
-            Dif, Dg, Do = Db[:, :, :H2], Db[:, :, H2:H3], Db[:, :, H3:]
-            Kb = K[lo:hi, :bm]
-            mul(Gb[:, :, :H2], Gb[:, :, :H2], out=Dif)
-            sub(Gb[:, :, :H2], Dif, out=Dif)
-            mul(o, o, out=Do)
-            sub(o, Do, out=Do)
-            mul(g, g, out=Dg)
-            sub(1, Dg, out=Dg)
-            Db[:, :, :H] *= g
-            Db[:, :, H:H2] *= C[lo:hi, :bm]
-            Dg *= i
-            Do *= tc
-            mul(tc, tc, out=Kb)
-            sub(1, Kb, out=Kb)
-            Kb *= o
+            _lstm_factors(G[lo:hi, :bm], D[lo:hi, :bm], C[lo:hi, :bm], TCa[lo:hi, :bm], K[lo:hi, :bm], H, 2)
             # ---- the recurrence over this block ----
             for j in range(hi - 1, lo - 1, -1):
                 t = slo + j
@@ -1272,7 +1246,7 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     dt = X.dtype
     T, B, I = X.shape
     H = W_hh.shape[0]
-    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    H2, H4 = 2 * H, 4 * H
     dY = _arr(dY, dt)
     dh_n = _arr(dh_n, dt)
     small = W_hh.size <= _WT_COPY_MAX
@@ -1287,28 +1261,10 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     Z = Gt[:, :, H2:]
     dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
     tmp = np.empty((B, H), dt)
-    mul, sub = np.multiply, np.subtract
 
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
-        G = Gt[lo:hi]
-        n, r, z = G[:, :, :H], G[:, :, H:H2], G[:, :, H2:]
-        hn = HW[lo:hi, :, H2:]
-        Db = D[lo:hi]
-        Pn, Pr, Pz, Phn = Db[:, :, :H], Db[:, :, H:H2], Db[:, :, H2:H3], Db[:, :, H3:]
-        # P_n = (1 - z)(1 - n^2)
-        mul(n, n, out=Pn)
-        sub(1, Pn, out=Pn)
-        sub(1, z, out=Pz)
-        Pn *= Pz
-        # P_hn = P_n r ;  P_r = P_hn hn (1 - r)
-        mul(Pn, r, out=Phn)
-        sub(1, r, out=Pr)
-        Pr *= hn
-        Pr *= Phn
-        # P_z = (h_prev - n) z (1 - z)     (Pz holds 1 - z)
-        Pz *= z
-        Pz *= sub(Hs[lo:hi], n)
+        _gru_factors(Gt[lo:hi], HW[lo:hi, :, H2:], D[lo:hi], Hs[lo:hi], H, 2)
         for t in range(hi - 1, lo - 1, -1):
             if t < T - 1:
                 # dh_t = dY[t] + z_{t+1} dh_{t+1} + D[t+1][:, H:] @ W_hh^T
@@ -1327,18 +1283,48 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     dh0 = Dh[0] @ W_hh.T
     dh *= Z[0]
     dh0 += dh
-    Df = D.reshape(T * B, H4)
+    dX, dW_ih, dW_hh, db_ih, db_hh = _gru_weight_grads(D.reshape(T * B, H4), X, W_ih, Hs[:T], has_bi, has_bh)
+    return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
+
+
+def _gru_factors(G, HWn, D, H_prev, H, axis):
+    """The recurrence-independent factors of a block of GRU steps (gru_backward's docstring), from the
+    activated gates G (n, r, z), h_{t-1} W_hn + b_hn and h_{t-1}, into D [P_n | P_r | P_z | P_hn]. Gates
+    lie along `axis` (2 batch-major, 1 feature-major)."""
+    def cut(A, k):
+        return A[(slice(None),) * axis + (slice(k * H, (k + 1) * H),)]
+    mul, sub = np.multiply, np.subtract
+    n, r, z = cut(G, 0), cut(G, 1), cut(G, 2)
+    Pn, Pr, Pz, Phn = cut(D, 0), cut(D, 1), cut(D, 2), cut(D, 3)
+    mul(n, n, out=Pn)
+    sub(1, Pn, out=Pn)
+    sub(1, z, out=Pz)
+    Pn *= Pz                                          # P_n = (1 - z)(1 - n^2)
+    mul(Pn, r, out=Phn)                               # P_hn = P_n r
+    sub(1, r, out=Pr)
+    Pr *= HWn
+    Pr *= Phn                                         # P_r = P_hn hn (1 - r)
+    Pz *= z
+    Pz *= sub(H_prev, n)                              # P_z = (h_prev - n) z (1 - z)
+
+
+def _gru_weight_grads(Df, X, W_ih, H_prev, has_bi, has_bh):
+    """(dX, dW_ih, dW_hh, db_ih, db_hh) from the GRU's gradient buffer Df (T*B, 4H), columns
+    [da_n | da_r | da_z | d(h W_hn + b_hn)] (see gru_backward), one GEMM each, in torch's gate order;
+    H_prev (T, B, H) holds every step's h_{t-1}."""
+    T, B, I = X.shape
+    H = H_prev.shape[2]
+    H3 = 3 * H
     Din = Df[:, :H3]
     dX = (Din @ _gates(W_ih, H, _GRU_IN).T).reshape(T, B, I)
     dW_ih = _gates(X.reshape(T * B, I).T @ Din, H, _GRU_IN_BACK)
-    dW_hh = Hs[:T].reshape(T * B, H).T @ Df[:, H:]
-    if has_bi or has_bh:
-        S = _col_sum(Df)
-        db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
-        db_hh = S[H:].copy() if has_bh else None
-    else:
-        db_ih = db_hh = None
-    return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
+    dW_hh = H_prev.reshape(T * B, H).T @ Df[:, H:]
+    if not (has_bi or has_bh):
+        return dX, dW_ih, dW_hh, None, None
+    S = _col_sum(Df)
+    db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
+    db_hh = S[H:].copy() if has_bh else None
+    return dX, dW_ih, dW_hh, db_ih, db_hh
 
 
 def _gru_bias(b_ih, b_hh, H, dt):
@@ -1415,33 +1401,17 @@ def _gru_backward_fm(dY, dh_n, saved, grad_sq):
     dt = X.dtype
     T, B, I = X.shape
     H = W_hh.shape[0]
-    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    H2, H4 = 2 * H, 4 * H
     gs = _grad_sq(grad_sq, T, B)
-    dYf = None if dY is None else np.ascontiguousarray(_arr(dY, dt).transpose(0, 2, 1))   # (T, H, B)
-    dh = np.zeros((H, B), dt) if dh_n is None else _arr(dh_n, dt).T.copy()   # fresh: written in place
+    dYf, (dh,) = _feature_major_upstream(dY, (dh_n,), H, B, dt)
     D = np.empty((T, H4, B), dt)
     D4 = D.reshape(T, 4, H, B)
     Dh = D[:, H:]                                    # hidden side, rows (r, z, n)
     Z = Gt[:, H2:]
     tmp = np.empty((H, B), dt)
-    mul, sub = np.multiply, np.subtract
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for lo, hi in _blocks(T, B * H4 * dt.itemsize):
-        G = Gt[lo:hi]
-        n, r, z = G[:, :H], G[:, H:H2], G[:, H2:]
-        hn = HW[lo:hi, H2:]
-        Db = D[lo:hi]
-        Pn, Pr, Pz, Phn = Db[:, :H], Db[:, H:H2], Db[:, H2:H3], Db[:, H3:]
-        mul(n, n, out=Pn)
-        sub(1, Pn, out=Pn)
-        sub(1, z, out=Pz)
-        Pn *= Pz                                      # P_n = (1 - z)(1 - n^2)
-        mul(Pn, r, out=Phn)                           # P_hn = P_n r
-        sub(1, r, out=Pr)
-        Pr *= hn
-        Pr *= Phn                                     # P_r = P_hn hn (1 - r)
-        Pz *= z
-        Pz *= sub(Hb[lo:hi].transpose(0, 2, 1), n)    # P_z = (h_prev - n) z (1 - z)
+        _gru_factors(Gt[lo:hi], HW[lo:hi, H2:], D[lo:hi], Hb[lo:hi].transpose(0, 2, 1), H, 1)
         for t in range(hi - 1, lo - 1, -1):
             if t < T - 1:
                 # dh_t = dY[t] + z_{t+1} dh_{t+1} + W_hh @ D[t+1][H:]
@@ -1459,17 +1429,7 @@ def _gru_backward_fm(dY, dh_n, saved, grad_sq):
     dh0 += dh.T
     dG = np.empty((T, B, H4), dt)
     dG[...] = D.transpose(0, 2, 1)
-    Df = dG.reshape(T * B, H4)
-    Din = Df[:, :H3]
-    dX = (Din @ _gates(W_ih, H, _GRU_IN).T).reshape(T, B, I)
-    dW_ih = _gates(X.reshape(T * B, I).T @ Din, H, _GRU_IN_BACK)
-    dW_hh = Hb[:T].reshape(T * B, H).T @ Df[:, H:]
-    if has_bi or has_bh:
-        S = _col_sum(Df)
-        db_ih = _gates(S[:H3], H, _GRU_IN_BACK) if has_bi else None
-        db_hh = S[H:].copy() if has_bh else None
-    else:
-        db_ih = db_hh = None
+    dX, dW_ih, dW_hh, db_ih, db_hh = _gru_weight_grads(dG.reshape(T * B, H4), X, W_ih, Hb[:T], has_bi, has_bh)
     return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -1572,7 +1532,7 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
     X2 = X.reshape(T * B, I)
     dh = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
     tmp = np.empty((B, H), dt)
-    mul, sub = np.multiply, np.subtract
+    mul = np.multiply
     row_bytes = B * H4 * dt.itemsize
     D = np.empty((T, B, H4), dt) if exact else None   # [da_n | da_r | da_z | d(h W_hn + b_hn)]
     pack = ext.get("pack", False)                      # else padded rows of D are zeroed
@@ -1624,21 +1584,7 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
         for lo, hi in _blocks(n, row_bytes):
             # ---- recurrence-independent factors (as gru_backward), rows active in the block ----
             bm = bt[slo + lo]
-            Gb = G[lo:hi, :bm]
-            nn, r, z = Gb[:, :, :H], Gb[:, :, H:H2], Gb[:, :, H2:]
-            hn = HWa[lo:hi, :bm, H2:]
-            Db = Dl[lo:hi, :bm]
-            Pn, Pr, Pz, Phn = Db[:, :, :H], Db[:, :, H:H2], Db[:, :, H2:H3], Db[:, :, H3:]
-            mul(nn, nn, out=Pn)
-            sub(1, Pn, out=Pn)
-            sub(1, z, out=Pz)
-            Pn *= Pz
-            mul(Pn, r, out=Phn)
-            sub(1, r, out=Pr)
-            Pr *= hn
-            Pr *= Phn
-            Pz *= z
-            Pz *= sub(Hs[slo + lo:slo + hi, :bm], nn)
+            _gru_factors(G[lo:hi, :bm], HWa[lo:hi, :bm, H2:], Dl[lo:hi, :bm], Hs[slo + lo:slo + hi, :bm], H, 2)
             # ---- the recurrence over this block ----
             for j in range(hi - 1, lo - 1, -1):
                 t = slo + j

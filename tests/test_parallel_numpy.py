@@ -197,3 +197,10 @@ def test_run_phased_small_work_one_thread_and_errors(threads):
     assert P.run_phased([whole(), _phased([], "b", 2)], P._SIDE_BY_SIDE_MIN) == [3, 2]
     with pytest.raises(ValueError, match="b failed"):
         P.run_phased([_phased([], "a", 1), _phased([], "b", 2, fail=True)], P._SIDE_BY_SIDE_MIN)
+
+
+def test_run_phased_one_thread_when_needle_has_one(threads):
+    threads(1)                                        # NEEDLE_NUM_THREADS=1 (or one BLAS thread, as under MPI)
+    log = []
+    assert P.run_phased([_phased(log, "a", 1), _phased(log, "b", 2)], 1 << 30) == [1, 2]
+    assert len({thread for _, _, thread in log}) == 1

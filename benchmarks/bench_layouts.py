@@ -1,12 +1,14 @@
 """The LSTM and GRU kernels feature-major against batch-major, on the same inputs, interleaved.
 
-Batches of at most _FEATURE_MAJOR_MAX_BATCH sequences run the plain LSTM and GRU kernels feature-major
-(needle/backend_ndarray/recurrent_numpy.py): a step's gates and states are (features, batch) arrays and the
-recurrent GEMMs are weights @ states. This times one kernel training step (forward, then backward with
+Batches of at most _FEATURE_MAJOR_MAX_BATCH sequences with at most _FEATURE_MAJOR_MAX_HIDDEN hidden units run
+the plain LSTM and GRU kernels feature-major (needle/backend_ndarray/recurrent_numpy.py): a step's gates and
+states are (features, batch) arrays and the recurrent GEMMs are weights @ states. This forces each layout in
+turn and times one kernel training step (forward, then backward with
 upstream gradients for Y, h_n and c_n) both ways in one process, step by step, and prints the median ms of
 each, their ratio, and the largest difference of any output or gradient relative to its largest entry.
 Workloads (seq_len, batch, input, hidden) are bench_recurrent.py's, plus "eval" (batch 10, the language
-model benchmark's test batch) and "wide" (batch 64, where the kernels stay batch-major).
+model benchmark's test batch), "wide" (batch 64) and "h1024" (batch 8, hidden 1024), where by default the
+kernels stay batch-major, as on large.
 
     python benchmarks/bench_layouts.py
     python benchmarks/bench_layouts.py --kinds lstm --workloads small eval
@@ -25,11 +27,12 @@ WORKLOADS = {  # seq_len, batch, input, hidden
     "eval": (35, 10, 200, 200),
     "medium": (35, 20, 650, 650),
     "wide": (35, 64, 200, 200),
+    "h1024": (35, 8, 1024, 1024),
     "large": (100, 64, 1024, 1024),
 }
-STEPS = {"tiny": 300, "small": 40, "eval": 40, "medium": 10, "wide": 20, "large": 3}
+STEPS = {"tiny": 300, "small": 40, "eval": 40, "medium": 10, "wide": 20, "h1024": 5, "large": 3}
 GATES = {"lstm": 4, "gru": 3}
-LAYOUTS = {"feature-major": 1 << 30, "batch-major": 0}   # _FEATURE_MAJOR_MAX_BATCH for each
+LAYOUTS = {"feature-major": 1 << 30, "batch-major": 0}   # both size limits, for each
 
 
 def kernel_step(kind, workload, seed=0):
@@ -55,7 +58,7 @@ def kernel_step(kind, workload, seed=0):
 
 
 def with_layout(step, layout):
-    kernels._FEATURE_MAJOR_MAX_BATCH = LAYOUTS[layout]
+    kernels._FEATURE_MAJOR_MAX_BATCH = kernels._FEATURE_MAJOR_MAX_HIDDEN = LAYOUTS[layout]
     start = time.perf_counter()
     out = step()
     return time.perf_counter() - start, out
@@ -66,8 +69,8 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     args = parser.parse_args()
-    default = kernels._FEATURE_MAJOR_MAX_BATCH
-    print(f"# feature-major up to batch {default}; both layouts forced below")
+    default = kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN
+    print(f"# feature-major up to batch {default[0]} and hidden {default[1]}; both layouts forced below")
     print(f"{'kind':5} {'workload':8} {'feature-major ms':>17} {'batch-major ms':>15} {'fm/bm':>6} "
           f"{'max rel diff':>13}")
     for kind in args.kinds:
@@ -82,7 +85,7 @@ def main():
                     times[layout].append(with_layout(step, layout)[0])
             fm, bm = (1e3 * statistics.median(times[layout]) for layout in LAYOUTS)
             print(f"{kind:5} {name:8} {fm:17.2f} {bm:15.2f} {fm / bm:6.2f} {diff:13.1e}", flush=True)
-    kernels._FEATURE_MAJOR_MAX_BATCH = default
+    kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN = default
 
 
 if __name__ == "__main__":

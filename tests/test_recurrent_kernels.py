@@ -138,7 +138,8 @@ SHAPES = [  # (T, B, I, H)
 ]
 
 
-# _FEATURE_MAJOR_MAX_BATCH: the LSTM's plain path runs feature-major up to this batch size
+# _FEATURE_MAJOR_MAX_BATCH: the LSTM's and GRU's plain paths run feature-major up to this batch size (the
+# hidden sizes here are all below _FEATURE_MAJOR_MAX_HIDDEN)
 LAYOUTS = {"auto": 32, "batch-major": 0}
 
 

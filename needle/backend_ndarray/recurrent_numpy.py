@@ -36,9 +36,9 @@ How it is made fast (see /work/shared/PERF_NOTES.md):
     derivatives times the other operand of each product) is computed in bulk, block by
     block of time steps while the block is hot in cache, straight into the gradient
     buffer; a step then only does its GEMM and a few in-place multiplies;
-  * small batches (LSTM and GRU, B <= 32) run feature-major: a step's gates and states as (features,
-    batch) arrays, so each recurrent GEMM is weights @ states, which OpenBLAS runs faster for few
-    rows than states @ weights, and each gate is a contiguous block of rows;
+  * small batches of small layers (LSTM and GRU, B <= 32 and H <= 512) run feature-major: a step's
+    gates and states as (features, batch) arrays, so each recurrent GEMM is weights @ states, which
+    OpenBLAS runs faster for few rows than states @ weights, and each gate is a contiguous block of rows;
   * preallocated buffers, out= and in-place ufuncs; a contiguous W_hh^T for the backward
     (a skinny GEMM with a transposed operand runs at about half speed); bias gradients as
     a GEMV with a ones vector (multithreaded, unlike a numpy sum).
@@ -630,7 +630,7 @@ def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=Non
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
             return (yield from _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
-    if B <= _FEATURE_MAJOR_MAX_BATCH:
+    if B <= _FEATURE_MAJOR_MAX_BATCH and H <= _FEATURE_MAJOR_MAX_HIDDEN:
         return (yield from _lstm_forward_fm(X, h0, c0, W_ih, W_hh, b_ih, b_hh))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5, with the 1/2 folded into copies of the sigmoid
@@ -759,12 +759,15 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
     return dX, dh0, dc, dW_ih, dW_hh, db_ih, db_hh
 
 
-# Batches of at most this many sequences take the LSTM's and the GRU's plain path feature-major: a
-# step's gates and states are (features, batch) arrays, so the recurrent GEMMs are W_hh^T (G*H, H) @
-# h (H, B) and W_hh (H, G*H) @ da (G*H, B), which OpenBLAS runs about 30% faster for B = 10-20 than
-# h (B, H) @ W (H, G*H), and each gate is a contiguous block of rows. Larger batches stay batch-major
-# (LSTM 64 x 1024: the feature-major forward was 37% slower).
+# Batches of at most this many sequences, with at most _FEATURE_MAJOR_MAX_HIDDEN hidden units, take
+# the LSTM's and the GRU's plain path feature-major: a step's gates and states are (features, batch)
+# arrays, so the recurrent GEMMs are W_hh^T (G*H, H) @ h (H, B) and W_hh (H, G*H) @ da (G*H, B), which
+# OpenBLAS runs about 30% faster for B = 10-20 than h (B, H) @ W (H, G*H), and each gate is a
+# contiguous block of rows. Elsewhere the transposes cost what the GEMMs save, or more (LSTM kernel
+# step, feature-major over batch-major: 0.87-0.94 at H = 200, 0.96-1.01 at H = 650, 1.17 at
+# H = 1024 and B = 8, 1.12 at 64 x 1024): those stay batch-major.
 _FEATURE_MAJOR_MAX_BATCH = 32
+_FEATURE_MAJOR_MAX_HIDDEN = 512
 
 
 class _FeatureMajor(tuple):
@@ -1170,7 +1173,7 @@ def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, re
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
             return (yield from _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
-    if B <= _FEATURE_MAJOR_MAX_BATCH:
+    if B <= _FEATURE_MAJOR_MAX_BATCH and H <= _FEATURE_MAJOR_MAX_HIDDEN:
         return (yield from _gru_forward_fm(X, h0, W_ih, W_hh, b_ih, b_hh))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5 with the 1/2 folded into the r, z weight columns

@@ -7,7 +7,7 @@ from ..backend_ndarray.ndarray import NDArray, _norm_axes
 from .ops_mathematic import _check_tensor
 
 __all__ = ["Gather", "gather_rows", "Reorder", "reorder", "ReverseSequences", "reverse_sequences",
-           "reversal_index"]
+           "reversal_index", "reversed_sequences"]
 
 
 class Gather(TensorOp):
@@ -85,6 +85,15 @@ def reversal_index(lengths, seq_len):
     return np.where(steps < lengths, lengths - 1 - steps, steps)
 
 
+def reversed_sequences(xp, A, lengths):
+    """The array A (T, B, ...) with each column b reversed over its first lengths[b] steps (over all T steps
+    when lengths is None), padded steps left where they are: a view without lengths, else a gather."""
+    if lengths is None:
+        return A[::-1]
+    source = xp.asarray(reversal_index(lengths, A.shape[0]))
+    return A[source, xp.arange(A.shape[1])[None, :]]
+
+
 class ReverseSequences(TensorOp):
     """Reverse each column b of X (T, B, ...) within its own length: out[t, b] = X[lengths[b] - 1 - t, b] for
     t < lengths[b]; padded steps stay where they are. The map is its own inverse, and so is the gradient."""
@@ -94,9 +103,7 @@ class ReverseSequences(TensorOp):
         self.lengths = lengths  # an int64 numpy array of shape (B,)
 
     def compute(self, X):
-        xp = X.device.xp
-        source = xp.asarray(reversal_index(self.lengths, X.shape[0]))
-        return NDArray.from_xp(X.x[source, xp.arange(X.shape[1])[None, :]], X.device)
+        return NDArray.from_xp(reversed_sequences(X.device.xp, X.x, self.lengths), X.device)
 
     def gradient(self, out_grad, node):
         return ReverseSequences(self.lengths)(out_grad)

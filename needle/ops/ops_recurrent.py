@@ -11,7 +11,7 @@ paths equal.
 """
 from ..autograd import Tensor, TensorOp, TensorTupleOp
 from ..backend_ndarray.ndarray import NDArray
-from .ops_indexing import reversal_index
+from .ops_indexing import reversed_sequences
 
 __all__ = ["RNNLayer", "LSTMLayer", "GRULayer", "BidirectionalLayer", "rnn_layer", "lstm_layer", "gru_layer",
            "bidirectional_layer", "has_fused_kernels", "has_phased_kernels", "GradProbe"]
@@ -121,10 +121,7 @@ class BidirectionalLayer(TensorTupleOp):
 
     def _reversed(self, xp, A):
         """A (T, B, ...) with every sequence reversed within its length; the map is its own inverse."""
-        if self.lengths is None:
-            return A[::-1]
-        source = xp.asarray(reversal_index(self.lengths, A.shape[0]))
-        return A[source, xp.arange(A.shape[1])[None, :]]
+        return reversed_sequences(xp, A, self.lengths)
 
     def _step_elements(self, B, H):
         return B * self.forward.gates * H    # a step's gate matrix: how much work each loop step has

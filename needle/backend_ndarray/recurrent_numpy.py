@@ -778,8 +778,10 @@ def _feature_major_upstream(dY, finals, H, B, dt):
     """dY (T, B, H) as a (T, H, B) array (None stays None), and each final state's gradient (B, H) as a
     fresh (H, B) array (zeros for None): fresh because the backward writes it in place, and with B = 1 a
     transposed view would be contiguous, so writing it would change the caller's array."""
-    dYf = None if dY is None else np.ascontiguousarray(_arr(dY, dt).transpose(0, 2, 1))
-    return dYf, [np.zeros((H, B), dt) if g is None else _arr(g, dt).T.copy() for g in finals]
+    # one copy each, whatever the layout that came (a bidirectional layer hands column halves of its dY)
+    dYf = None if dY is None else np.ascontiguousarray(np.asarray(dY).transpose(0, 2, 1), dtype=dt)
+    return dYf, [np.zeros((H, B), dt) if g is None else np.array(np.asarray(g).T, dtype=dt, order="C")
+                 for g in finals]
 
 
 def _lstm_forward_fm(X, h0, c0, W_ih, W_hh, b_ih, b_hh):

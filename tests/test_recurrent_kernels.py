@@ -151,8 +151,10 @@ LAYOUTS = {"auto": 32, "batch-major": 0}
 def test_against_torch(kind, shape, bias, dtype, layout, monkeypatch):
     monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", LAYOUTS[layout])
     p = _make(kind, *shape, bias, dtype)
-    ours, _ = _ours(kind, p)
+    ours, saved = _ours(kind, p)
     _compare(ours, _torch_ref(kind, p), dtype, bias)
+    # the layout asked for is the one that ran (the RNN has no feature-major path)
+    assert isinstance(saved, K._FeatureMajor) == (layout == "auto" and kind in ("lstm", "gru"))
 
 
 @pytest.mark.parametrize("kind", list(GATES))

@@ -23,6 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["num_threads", "for_rows", "ewise", "unary", "reduce", "run_phased"]
 
@@ -155,14 +156,11 @@ _SIDE_BY_SIDE_MIN = 1 << 11
 
 
 def _blas():
-    """threadpoolctl's controller of the BLAS libraries numpy loaded, or False where there is none."""
+    """threadpoolctl's controller of the BLAS libraries numpy loaded (made on first use: it scans the
+    process's libraries), or False where it finds none it can limit."""
     if _state["blas"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            blas = ThreadpoolController().select(user_api="blas")
-            _state["blas"] = blas if blas.lib_controllers else False
-        except ImportError:
-            _state["blas"] = False
+        blas = ThreadpoolController().select(user_api="blas")
+        _state["blas"] = blas if blas.lib_controllers else False
     return _state["blas"]
 
 

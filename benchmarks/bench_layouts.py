@@ -1,17 +1,22 @@
-"""The LSTM and GRU kernels feature-major against batch-major, on the same inputs, interleaved.
+"""The recurrent kernels' three step layouts, on the same inputs, interleaved.
 
-Batches of at most _FEATURE_MAJOR_MAX_BATCH sequences with at most _FEATURE_MAJOR_MAX_HIDDEN hidden units run
-the plain LSTM and GRU kernels feature-major (needle/backend_ndarray/recurrent_numpy.py): a step's gates and
-states are (features, batch) arrays and the recurrent GEMMs are weights @ states. This forces each layout in
-turn and times one kernel training step (forward, then backward with
-upstream gradients for Y, h_n and c_n) both ways in one process, step by step, and prints the median ms of
-each, their ratio, and the largest difference of any output or gradient relative to its largest entry.
-Workloads (seq_len, batch, input, hidden) are bench_recurrent.py's, plus "eval" (batch 10, the language
-model benchmark's test batch), "wide" (batch 64) and "h1024" (batch 8, hidden 1024), where by default the
-kernels stay batch-major, as on large.
+A plain-path (no lengths, no recompute) LSTM or GRU step runs one of three ways
+(needle/backend_ndarray/recurrent_numpy.py):
+  * feature-major: gates and states are (features, batch) arrays, the step GEMMs are weights @ states;
+  * batch-major, small-GEMM blocks: states are (batch, features) and the step GEMM is split into a few
+    column blocks of the weights, each small enough for OpenBLAS's small-matrix kernel, which reads its
+    operands in place instead of packing the weights on every call (_SMALL_GEMM_MACS);
+  * batch-major, one GEMM per step.
+This forces each in turn and times one kernel training step (forward, then backward with upstream
+gradients for Y, h_n and c_n) step by step, and prints the median ms of each, the layout the defaults
+pick for that size and BLAS thread count (n/a: blocks do not apply, the same as one GEMM), and the largest
+difference of any output or gradient between the layouts relative to its largest entry. Workloads (seq_len,
+batch, input, hidden) are bench_recurrent.py's, plus "eval" (batch 10, the language model benchmark's test
+batch and each of two MPI ranks' share of its training batch), "wide" (batch 64) and "h1024" (batch 8,
+hidden 1024). Run it with OPENBLAS_NUM_THREADS=1 as well: the best layout depends on the BLAS threads.
 
     python benchmarks/bench_layouts.py
-    python benchmarks/bench_layouts.py --kinds lstm --workloads small eval
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_layouts.py --kinds lstm --workloads small eval
 """
 import argparse
 import statistics
@@ -32,7 +37,9 @@ WORKLOADS = {  # seq_len, batch, input, hidden
 }
 STEPS = {"tiny": 300, "small": 40, "eval": 40, "medium": 10, "wide": 20, "h1024": 5, "large": 3}
 GATES = {"lstm": 4, "gru": 3}
-LAYOUTS = {"feature-major": 1 << 30, "batch-major": 0}   # both size limits, for each
+# (feature-major size limits, small-GEMM blocks at most): each layout forced through the kernels' knobs
+# (small-gemm with as many blocks as it takes)
+LAYOUTS = {"feature-major": (1 << 30, 0), "small-gemm": (0, 1 << 30), "one-gemm": (0, 0)}
 
 
 def kernel_step(kind, workload, seed=0):
@@ -57,11 +64,28 @@ def kernel_step(kind, workload, seed=0):
     return step
 
 
+def blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return max((p["num_threads"] for p in threadpool_info() if p.get("internal_api") == "openblas"), default=0)
+
+
 def with_layout(step, layout):
-    kernels._FEATURE_MAJOR_MAX_BATCH = kernels._FEATURE_MAJOR_MAX_HIDDEN = LAYOUTS[layout]
+    fm, blocks = LAYOUTS[layout]
+    kernels._FEATURE_MAJOR_MAX_BATCH = kernels._FEATURE_MAJOR_MAX_HIDDEN = fm
+    kernels._SMALL_GEMM_MAX_BLOCKS = blocks
     start = time.perf_counter()
     out = step()
     return time.perf_counter() - start, out
+
+
+def default_layout(kind, workload, knobs):
+    """The layout the default settings give this workload."""
+    _, B, _, H = workload
+    kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN, kernels._SMALL_GEMM_MAX_BLOCKS = knobs
+    if kernels._feature_major(B, H, GATES[kind]):
+        return "feature-major"
+    return "one-gemm" if kernels._small_gemm_width(B, H, GATES[kind] * H) is None else "small-gemm"
 
 
 def main():
@@ -69,23 +93,33 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     args = parser.parse_args()
-    default = kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN
-    print(f"# feature-major up to batch {default[0]} and hidden {default[1]}; both layouts forced below")
-    print(f"{'kind':5} {'workload':8} {'feature-major ms':>17} {'batch-major ms':>15} {'fm/bm':>6} "
+    knobs = kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN, kernels._SMALL_GEMM_MAX_BLOCKS
+    print(f"# {blas_threads()} BLAS thread(s); by default feature-major up to batch {knobs[0]} and hidden "
+          f"{knobs[1]}, unless small-GEMM blocks apply (at most {knobs[2]} blocks of "
+          f"{kernels._SMALL_GEMM_MACS:,} multiply-adds); each layout forced below (small-gemm: n/a where one "
+          f"block is all it takes)")
+    print(f"{'kind':5} {'workload':8} {'feature-major':>13} {'small-gemm':>11} {'one-gemm':>9} {'default':>14} "
           f"{'max rel diff':>13}")
     for kind in args.kinds:
         for name in args.workloads:
             step = kernel_step(kind, WORKLOADS[name])
-            outs = {layout: with_layout(step, layout)[1] for layout in LAYOUTS}
+            _, B, _, H = WORKLOADS[name]
+            kernels._SMALL_GEMM_MAX_BLOCKS = 1 << 30
+            blocked = kernels._small_gemm_width(B, H, GATES[kind] * H) is not None
+            layouts = [x for x in LAYOUTS if blocked or x != "small-gemm"]
+            outs = {layout: with_layout(step, layout)[1] for layout in layouts}
             diff = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-                       for a, b in zip(outs["feature-major"], outs["batch-major"]) if a is not None)
-            times = {layout: [] for layout in LAYOUTS}
+                       for other in layouts[1:]
+                       for a, b in zip(outs[layouts[0]], outs[other]) if a is not None)
+            times = {layout: [] for layout in layouts}
             for _ in range(STEPS[name]):
-                for layout in LAYOUTS:
+                for layout in layouts:
                     times[layout].append(with_layout(step, layout)[0])
-            fm, bm = (1e3 * statistics.median(times[layout]) for layout in LAYOUTS)
-            print(f"{kind:5} {name:8} {fm:17.2f} {bm:15.2f} {fm / bm:6.2f} {diff:13.1e}", flush=True)
-    kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN = default
+            ms = {layout: f"{1e3 * statistics.median(times[layout]):.2f}" for layout in layouts}
+            print(f"{kind:5} {name:8} {ms['feature-major']:>13} {ms.get('small-gemm', 'n/a'):>11} "
+                  f"{ms['one-gemm']:>9} {default_layout(kind, WORKLOADS[name], knobs):>14} {diff:13.1e}",
+                  flush=True)
+    default_layout("lstm", WORKLOADS["tiny"], knobs)   # restores the knobs
 
 
 if __name__ == "__main__":

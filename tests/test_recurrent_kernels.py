@@ -3,19 +3,12 @@
 Needle's weights are the transpose of torch's: W_ih (I, G*H) = weight_ih_l0.T.
 """
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from needle.backend_ndarray import recurrent_numpy as K
 
-# Load the kernel file directly: needle/__init__.py may be mid-construction.
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "needle" / "backend_ndarray" / "recurrent_numpy.py"
-_spec = importlib.util.spec_from_file_location("_recurrent_numpy_under_test", _PATH)
-K = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(K)
+torch = pytest.importorskip("torch")
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 TOL = {np.float64: dict(rtol=1e-9, atol=1e-10), np.float32: dict(rtol=2e-4, atol=2e-5)}
@@ -138,23 +131,53 @@ SHAPES = [  # (T, B, I, H)
 ]
 
 
-# _FEATURE_MAJOR_MAX_BATCH: the LSTM's and GRU's plain paths run feature-major up to this batch size (the
-# hidden sizes here are all below _FEATURE_MAJOR_MAX_HIDDEN)
-LAYOUTS = {"auto": 32, "batch-major": 0}
+# The plain paths' step layouts. "auto": the sizes here are all small, so the LSTM and GRU run feature-major (below _FEATURE_MAJOR_MAX_BATCH and _FEATURE_MAJOR_MAX_HIDDEN) and no step GEMM
+# reaches the small-matrix limit; "batch-major": forced; "small-gemm": the limit lowered so that the
+# batch-major steps split their GEMMs into column blocks (_column_blocks), forward and backward, and the
+# LSTM and GRU then run batch-major wherever that splits.
+LAYOUTS = ("auto", "batch-major", "small-gemm")
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+def _set_layout(monkeypatch, layout, kind, B, H):
+    """Apply `layout` and return whether the LSTM/GRU should then run feature-major."""
+    if layout == "batch-major":
+        monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", 0)
+    if layout == "small-gemm":
+        # about three blocks of the G*H forward columns (and of the H backward ones)
+        monkeypatch.setattr(K, "_SMALL_GEMM_MACS", B * H * max(1, GATES[kind] * H // 3))
+        monkeypatch.setattr(K, "_SMALL_GEMM_MAX_BLOCKS", 64)
+    fm = layout != "batch-major" and K._small_gemm_width(B, H, GATES[kind] * H) is None
+    return fm and kind in ("lstm", "gru")       # the RNN has no feature-major path
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
 @pytest.mark.parametrize("kind", list(GATES))
 def test_against_torch(kind, shape, bias, dtype, layout, monkeypatch):
-    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", LAYOUTS[layout])
+    feature_major = _set_layout(monkeypatch, layout, kind, shape[1], shape[3])
     p = _make(kind, *shape, bias, dtype)
     ours, saved = _ours(kind, p)
     _compare(ours, _torch_ref(kind, p), dtype, bias)
-    # the layout asked for is the one that ran (the RNN has no feature-major path)
-    assert isinstance(saved, K._FeatureMajor) == (layout == "auto" and kind in ("lstm", "gru"))
+    # the layout asked for is the one that ran
+    assert isinstance(saved, K._FeatureMajor) == feature_major
+    if layout == "auto" and kind in ("lstm", "gru"):
+        assert feature_major
+
+
+def test_small_gemm_blocks():
+    """_column_blocks: contiguous blocks that cover W's columns in order, each product within the limit;
+    one block where the product is small already or would need too many blocks."""
+    W = np.arange(200 * 800, dtype=np.float32).reshape(200, 800)
+    for rows, n in ((10, 2), (12, 2), (16, 1), (20, 1), (4, 1)):
+        blocks = K._column_blocks(W, rows)
+        assert len(blocks) == n, rows
+        np.testing.assert_array_equal(np.concatenate([w for w, _ in blocks], axis=1), W)
+        np.testing.assert_array_equal(np.concatenate([W[:, cols] for _, cols in blocks], axis=1), W)
+        if n > 1:
+            assert all(w.flags.c_contiguous and rows * 200 * w.shape[1] <= K._SMALL_GEMM_MACS for w, _ in blocks)
+    assert K._column_blocks(W, 10)[0][1] == slice(0, 400)      # whole 16-float vectors, even blocks
 
 
 @pytest.mark.parametrize("kind", list(GATES))
@@ -217,13 +240,13 @@ def test_float32_stays_float32(kind):
             assert a.dtype == np.float32
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("use_dY", [True, False], ids=["dY", "noDY"])
 @pytest.mark.parametrize("kind", list(GATES))
 def test_other_code_paths(kind, use_dY, dtype, layout, monkeypatch):
-    """The size-dependent paths: W_hh @ dA^T instead of a W_hh^T copy, one-step blocks, either layout."""
-    monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", LAYOUTS[layout])
+    """The size-dependent paths: W_hh @ dA^T instead of a W_hh^T copy, one-step blocks, every layout."""
+    _set_layout(monkeypatch, layout, kind, 5, 6)
     monkeypatch.setattr(K, "_WT_COPY_MAX", 0)
     monkeypatch.setattr(K, "_BLOCK_BYTES", 1)
     p = _make(kind, 9, 5, 7, 6, True, dtype, seed=4)
@@ -263,6 +286,26 @@ def test_lengths_against_torch_packed(kind, lens, dtype, pack, monkeypatch):
     _compare(ours, _torch_ref(kind, p, lengths=lengths), dtype, True)
     pad = np.arange(9)[:, None] >= lengths[None, :]
     assert (ours["Y"][pad] == 0).all() and (ours["dX"][pad] == 0).all()
+
+
+@pytest.mark.parametrize("k", [None, 2, 4])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_lengths_and_recompute_with_small_gemm_blocks(kind, k, monkeypatch):
+    """The lengths and recompute paths with their step GEMMs split into column blocks (forward, backward and
+    the backward's recomputed forward), against torch, and bitwise equal to the same call without
+    recomputation."""
+    _set_layout(monkeypatch, "small-gemm", kind, 6, 4)
+    assert K._small_gemm_width(6, 4, GATES[kind] * 4) is not None or GATES[kind] == 1
+    lengths = np.array(LENGTHS["mixed"])
+    p = _make(kind, 9, 6, 5, 4, True, np.float64, seed=7)
+    ours, _ = _ours(kind, p, lengths=lengths, recompute_every=k)
+    _compare(ours, _torch_ref(kind, p, lengths=lengths), np.float64, True)
+    monkeypatch.setattr(K, "_RECOMPUTE_EXACT", True)
+    for lens in (lengths, None):
+        ref, _ = _ours(kind, p, lengths=lens)
+        again, _ = _ours(kind, p, lengths=lens, recompute_every=k)
+        for name, v in ref.items():
+            np.testing.assert_array_equal(again[name], v, err_msg=name)
 
 
 @pytest.mark.parametrize("kind", list(GATES))

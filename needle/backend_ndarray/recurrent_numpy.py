@@ -150,6 +150,48 @@ def _transpose(W):
 _WT_COPY_MAX = 1 << 18
 
 
+# OpenBLAS multiplies a product of at most _SMALL_GEMM_MACS multiply-adds (M*N*K; its
+# sgemm_small_kernel_permit for AVX-512 cores) with a kernel that reads both operands where they lie;
+# a bigger one first packs them into panels, on every call. A recurrent step's GEMM (B, H) @ (H, G*H)
+# thus repacks the whole weight matrix each step: at batch 10 and 200 units that is most of its time.
+# The batch-major steps split such a GEMM into a few column blocks of the weights, each within the
+# limit (the same dot products, summed by another kernel: equal to rounding, not bitwise). Past
+# _SMALL_GEMM_MAX_BLOCKS blocks one packed call (two-threaded where BLAS has two threads) is as fast
+# (measured: benchmarks/bench_layouts.py).
+_SMALL_GEMM_MACS = 1_000_000
+_SMALL_GEMM_MAX_BLOCKS = 2
+
+
+def _small_gemm_width(rows, K, N):
+    """Column-block width that puts each block of a (rows, K) @ (K, N) product within
+    _SMALL_GEMM_MACS (whole 16-float vectors where it can), or None when one call is better: the
+    product is small already, or would take more than _SMALL_GEMM_MAX_BLOCKS blocks."""
+    width = _SMALL_GEMM_MACS // max(1, rows * K)
+    width = width // 16 * 16 if width >= 16 else width
+    if width >= N or width == 0 or -(-N // width) > _SMALL_GEMM_MAX_BLOCKS:
+        return None
+    n = -(-N // width)
+    even = -(-N // n)                          # n blocks of about equal width, each within the limit
+    return min(width, (even + 15) // 16 * 16) if width >= 16 else even
+
+
+def _column_blocks(W, rows):
+    """W (K, N) for a product (rows, K) @ W, as a list of (contiguous column block of W, its column
+    slice): several small-kernel blocks (_small_gemm_width) or [(W, slice(None))]."""
+    K, N = W.shape
+    width = _small_gemm_width(rows, K, N)
+    if width is None:
+        return [(W, slice(None))]
+    return [(np.ascontiguousarray(W[:, j:j + width]), slice(j, min(N, j + width))) for j in range(0, N, width)]
+
+
+def _feature_major(B, H, G):
+    """Whether the plain path of a layer with G gates runs feature-major (_FEATURE_MAJOR_MAX_BATCH): not
+    where the batch-major step's GEMM splits into small-kernel blocks, which is faster still."""
+    return (B <= _FEATURE_MAJOR_MAX_BATCH and H <= _FEATURE_MAJOR_MAX_HIDDEN
+            and _small_gemm_width(B, H, G * H) is None)
+
+
 def _col_sum(dG):
     """Column sums of a (rows, n) matrix as a GEMV with ones (multithreaded in BLAS)."""
     return np.ones(dG.shape[0], dG.dtype) @ dG
@@ -430,10 +472,12 @@ def rnn_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, nonlinearity="ta
     if b_hh is not None:
         A += _arr(b_hh, dt)
     tmp = np.empty((B, H), dt)
+    blocks = _column_blocks(W_hh, B)
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         a = A[t]
-        np.matmul(Hs[t], W_hh, out=tmp)
+        for w, cols in blocks:
+            np.matmul(Hs[t], w, out=tmp[:, cols])
         a += tmp
         if relu:
             np.maximum(a, 0, out=Hs[t + 1])
@@ -467,7 +511,7 @@ def rnn_backward_phases(dY, dh_n, saved, grad_sq=None):
     g = np.empty((B, H), dt)
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)
+        blocks = _column_blocks(_transpose(W_hh), B)
     else:
         gT = np.empty((H, B), dt)
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
@@ -482,7 +526,8 @@ def rnn_backward_phases(dY, dh_n, saved, grad_sq=None):
                 g += dY[t]
         else:
             if small:
-                np.matmul(dA[t + 1], WhhT, out=g)
+                for w, cols in blocks:
+                    np.matmul(dA[t + 1], w, out=g[:, cols])
                 if dY is not None:
                     g += dY[t]
             else:
@@ -514,12 +559,14 @@ def _rnn_forward_lengths(X, h0, W_ih, W_hh, b_ih, b_hh, relu, bt, lens):
     if b_hh is not None:
         A += _arr(b_hh, dt)
     tmp = np.empty((B, H), dt)
+    blocks = _column_blocks(W_hh, B)
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         b = bt[t]
         a = A[t, :b]
         tb = tmp[:b]
-        np.matmul(Hs[t, :b], W_hh, out=tb)
+        for w, cols in blocks:
+            np.matmul(Hs[t, :b], w, out=tb[:, cols])
         a += tb
         if relu:
             np.maximum(a, 0, out=Hs[t + 1, :b])
@@ -552,7 +599,7 @@ def _rnn_backward_general(dY, dh_n, saved, grad_sq):
     g = np.zeros((B, H), dt) if dh_n is None else dh_n.copy()
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)
+        blocks = _column_blocks(_transpose(W_hh), B)   # W_hh^T
     else:
         gT = np.empty((H, B), dt)
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
@@ -561,7 +608,8 @@ def _rnn_backward_general(dY, dh_n, saved, grad_sq):
         b1 = bt[t + 1] if t + 1 < T else 0      # rows still going at step t + 1
         if b1:
             if small:
-                np.matmul(dA[t + 1, :b1], WhhT, out=g[:b1])
+                for w, cols in blocks:
+                    np.matmul(dA[t + 1, :b1], w, out=g[:b1, cols])
             else:
                 gt = gT[:, :b1]
                 np.matmul(W_hh, dA[t + 1, :b1].T, out=gt)
@@ -630,7 +678,7 @@ def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=Non
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
             return (yield from _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
-    if B <= _FEATURE_MAJOR_MAX_BATCH and H <= _FEATURE_MAJOR_MAX_HIDDEN:
+    if _feature_major(B, H, 4):
         return (yield from _lstm_forward_fm(X, h0, c0, W_ih, W_hh, b_ih, b_hh))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5, with the 1/2 folded into copies of the sigmoid
@@ -652,6 +700,7 @@ def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=Non
     Cs[0] = _h0(c0, B, H, dt)
     tmp4 = np.empty((B, 4 * H), dt)
     tmp = np.empty((B, H), dt)
+    blocks = _column_blocks(Wh, B)
     # per-step views made once, in C
     Gl = list(Gt)
     Sl = list(Gt[:, :, :H3])
@@ -666,7 +715,8 @@ def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=Non
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
         g4 = Gl[t]
-        np.matmul(Hl[t], Wh, out=tmp4)
+        for w, cols in blocks:
+            np.matmul(Hl[t], w, out=tmp4[:, cols])
         g4 += tmp4
         np.tanh(g4, out=g4)
         s = Sl[t]
@@ -709,7 +759,7 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
     dc_n = _arr(dc_n, dt)
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)                      # (4H, H)
+        blocks = _column_blocks(_transpose(W_hh), B)   # W_hh^T (4H, H)
     else:
         gT = np.empty((H, B), dt)
 
@@ -738,7 +788,8 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
                 if dY is not None:
                     dh += dY[t]
             elif small:
-                np.matmul(dA[t + 1], WhhT, out=dh)
+                for w, cols in blocks:
+                    np.matmul(dA[t + 1], w, out=dh[:, cols])
                 if dY is not None:
                     dh += dY[t]
             else:
@@ -765,7 +816,9 @@ def lstm_backward_phases(dY, dh_n, dc_n, saved, grad_sq=None):
 # OpenBLAS runs about 30% faster for B = 10-20 than h (B, H) @ W (H, G*H), and each gate is a
 # contiguous block of rows. Elsewhere the transposes cost what the GEMMs save, or more (LSTM kernel
 # step, feature-major over batch-major: 0.87-0.94 at H = 200, 0.96-1.01 at H = 650, 1.17 at
-# H = 1024 and B = 8, 1.12 at 64 x 1024): those stay batch-major.
+# H = 1024 and B = 8, 1.12 at 64 x 1024): those stay batch-major. So do the sizes whose batch-major step
+# GEMM splits into small-kernel blocks (_SMALL_GEMM_MACS: B <= 12 at H = 200 for the LSTM, B <= 16 for the
+# GRU), which beat both (LSTM at B = 10: 0.84 of feature-major with one BLAS thread, 0.99 with two).
 _FEATURE_MAJOR_MAX_BATCH = 32
 _FEATURE_MAJOR_MAX_HIDDEN = 512
 
@@ -908,14 +961,14 @@ def _lstm_bias(b_ih, b_hh, H, dt):
     return _gates(b, H, _LSTM_FWD, _LSTM_SCALE)
 
 
-def _lstm_steps(G, Cl, TCl, Hs, Wh, lo, bt, tmp4, tmp, write_h):
+def _lstm_steps(G, Cl, TCl, Hs, blocks, lo, bt, tmp4, tmp, write_h):
     """Steps lo, lo+1, ..., lo+len(G)-1 of lstm_forward's loop, with exactly its operations, on
     the first bt[t] rows of each step (all rows when bt is None).
     G (n, B, 4H): pre-activations (gate order i, f, o, g), activated in place. Cl: n+1 arrays
     (B, H), Cl[0] = c before step lo, Cl[j+1] receives c after step lo+j (they may all be one
     array, updated in place). TCl: n arrays (B, H) receiving tanh(c). Reads h_t from Hs[t];
-    writes Hs[t+1] when write_h."""
-    H = Wh.shape[0]
+    writes Hs[t+1] when write_h. blocks: the gate-ordered W_hh as _column_blocks."""
+    H = blocks[0][0].shape[0]
     H2, H3 = 2 * H, 3 * H
     B = G.shape[1]
     mul = np.multiply
@@ -924,7 +977,8 @@ def _lstm_steps(G, Cl, TCl, Hs, Wh, lo, bt, tmp4, tmp, write_h):
         b = B if bt is None else bt[t]
         g4 = G[j, :b]
         t4 = tmp4[:b]
-        np.matmul(Hs[t, :b], Wh, out=t4)
+        for w, cols in blocks:
+            np.matmul(Hs[t, :b], w, out=t4[:, cols])
         g4 += t4
         np.tanh(g4, out=g4)
         s = g4[:, :H3]
@@ -948,7 +1002,7 @@ def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
     H = W_hh.shape[0]
     H4 = 4 * H
     Wi = _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE)
-    Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
+    blocks = _column_blocks(_gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE), B)
     bias = _lstm_bias(b_ih, b_hh, H, dt)
     X2 = X.reshape(T * B, I)
     alloc = np.empty if bt is None else np.zeros     # padded rows stay zero
@@ -966,7 +1020,7 @@ def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
         Cs[0] = _h0(c0, B, H, dt)
         TC = alloc((T, B, H), dt)
         yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
-        _lstm_steps(Gt, list(Cs), list(TC), Hs, Wh, 0, bt, tmp4, tmp, True)
+        _lstm_steps(Gt, list(Cs), list(TC), Hs, blocks, 0, bt, tmp4, tmp, True)
         yield  # the recurrent loop is done
         saved = (X, W_ih, W_hh, Hs, Cs, Gt, TC) + has + ({"bt": bt, "pack": pack},)
         return Hs[1:], _finals(Hs, lens), _finals(Cs, lens), saved
@@ -986,7 +1040,7 @@ def _lstm_forward_general(X, h0, c0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
         else:
             G = Gs[:hi - lo]
             _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H4))
-        _lstm_steps(G, [c] * (hi - lo + 1), [tc] * (hi - lo), Hs, Wh, lo, bt, tmp4, tmp, True)
+        _lstm_steps(G, [c] * (hi - lo + 1), [tc] * (hi - lo), Hs, blocks, lo, bt, tmp4, tmp, True)
     ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "ck": ck, "bias": bias}
     saved = (X, W_ih, W_hh, Hs, None, None, None) + has + (ext,)
     return Hs[1:], _finals(Hs, lens), c, saved
@@ -1010,7 +1064,7 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
     dc_n = _arr(dc_n, dt)
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)                      # (4H, H)
+        blocks = _column_blocks(_transpose(W_hh), B)   # W_hh^T (4H, H)
     else:
         gT = np.empty((H, B), dt)
     X2 = X.reshape(T * B, I)
@@ -1032,7 +1086,7 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
         bias, ck = ext["bias"], ext["ck"]
         # the forward's reordered, scaled weight copies, made again (exact: scaling by 1/2)
         Wi = _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE)
-        Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
+        fwd_blocks = _column_blocks(_gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE), B)
         # segment buffers; zeros so that rows a segment leaves unwritten are finite
         Gs = np.zeros((n0, B, H4), dt)
         Cg = np.zeros((n0 + 1, B, H), dt)
@@ -1072,7 +1126,7 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
             C[0] = ck[si]
             TCa = TCg[:n]
             K = Kc[:n]
-            _lstm_steps(G, list(C), list(TCa), Hs, Wh, slo, bt, tmp4, tmp, False)
+            _lstm_steps(G, list(C), list(TCa), Hs, fwd_blocks, slo, bt, tmp4, tmp, False)
         for lo, hi in _blocks(n, row_bytes):
             # ---- recurrence-independent factors (as lstm_backward), rows active in the block ----
             bm = bt[slo + lo]
@@ -1084,7 +1138,8 @@ def _lstm_backward_general(dY, dh_n, dc_n, saved, grad_sq):
                 b1 = bt[t + 1] if t + 1 < T else 0
                 if b1:
                     if small:
-                        np.matmul(nxt[:b1], WhhT, out=dh[:b1])
+                        for w, cols in blocks:
+                            np.matmul(nxt[:b1], w, out=dh[:b1, cols])
                     else:
                         gt = gT[:, :b1]
                         np.matmul(W_hh, nxt[:b1].T, out=gt)
@@ -1175,7 +1230,7 @@ def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, re
         bt, lens = _active_rows(lengths, T, B)
         if bt is not None or k is not None:
             return (yield from _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k))
-    if B <= _FEATURE_MAJOR_MAX_BATCH and H <= _FEATURE_MAJOR_MAX_HIDDEN:
+    if _feature_major(B, H, 3):
         return (yield from _gru_forward_fm(X, h0, W_ih, W_hh, b_ih, b_hh))
     H2, H3 = 2 * H, 3 * H
     # sigmoid(a) = 0.5 * tanh(a/2) + 0.5 with the 1/2 folded into the r, z weight columns
@@ -1204,10 +1259,12 @@ def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, re
     HWrz = list(HW[:, :, :H2])
     HWn = list(HW[:, :, H2:])
     Hl = list(Hs)
+    blocks = _column_blocks(Wh, B)
     mul = np.multiply
     yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
     for t in range(T):
-        np.matmul(Hl[t], Wh, out=HWl[t])
+        for w, cols in blocks:
+            np.matmul(Hl[t], w, out=HWl[t][:, cols])
         hn = HWn[t]
         if b_hn is not None:
             hn += b_hn
@@ -1256,7 +1313,7 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
     dh_n = _arr(dh_n, dt)
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)                    # (3H, H), torch row order (r, z, n)
+        blocks = _column_blocks(_transpose(W_hh), B)   # W_hh^T (3H, H), torch row order (r, z, n)
     else:
         gT = np.empty((H, B), dt)
 
@@ -1275,7 +1332,8 @@ def gru_backward_phases(dY, dh_n, saved, grad_sq=None):
                 # dh_t = dY[t] + z_{t+1} dh_{t+1} + D[t+1][:, H:] @ W_hh^T
                 dh *= Z[t + 1]
                 if small:
-                    np.matmul(Dh[t + 1], WhhT, out=tmp)
+                    for w, cols in blocks:
+                        np.matmul(Dh[t + 1], w, out=tmp[:, cols])
                     dh += tmp
                 else:
                     np.matmul(W_hh, Dh[t + 1].T, out=gT)
@@ -1438,12 +1496,13 @@ def _gru_backward_fm(dY, dh_n, saved, grad_sq):
     return dX, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
-def _gru_steps(G, HWl, Hs, Wh, b_hn, lo, bt, tmp, write_h):
+def _gru_steps(G, HWl, Hs, blocks, b_hn, lo, bt, tmp, write_h):
     """Steps lo, ..., lo+len(G)-1 of gru_forward's loop, with exactly its operations, on the first
     bt[t] rows of each step (all when bt is None). G (n, B, 3H): input-side pre-activations
     (n, r, z), activated in place; HWl: n arrays (B, 3H) receiving h_{t-1} W_hh (+ b_hn), possibly
-    all one array. Reads h_{t-1} from Hs[t]; writes Hs[t+1] when write_h."""
-    H = Wh.shape[0]
+    all one array. Reads h_{t-1} from Hs[t]; writes Hs[t+1] when write_h. blocks: the gate-scaled
+    W_hh as _column_blocks."""
+    H = blocks[0][0].shape[0]
     H2 = 2 * H
     B = G.shape[1]
     mul = np.multiply
@@ -1451,7 +1510,8 @@ def _gru_steps(G, HWl, Hs, Wh, b_hn, lo, bt, tmp, write_h):
         t = lo + j
         b = B if bt is None else bt[t]
         hw = HWl[j][:b]
-        np.matmul(Hs[t, :b], Wh, out=hw)
+        for w, cols in blocks:
+            np.matmul(Hs[t, :b], w, out=hw[:, cols])
         hn = hw[:, H2:]
         if b_hn is not None:
             hn += b_hn
@@ -1479,7 +1539,7 @@ def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
     H = W_hh.shape[0]
     H3 = 3 * H
     Wi = _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE)
-    Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
+    blocks = _column_blocks(_gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1)), B)
     bias, b_hn = _gru_bias(b_ih, b_hh, H, dt)
     X2 = X.reshape(T * B, I)
     alloc = np.empty if bt is None else np.zeros     # padded rows stay zero
@@ -1494,7 +1554,7 @@ def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
     if k is None:
         HW = alloc((T, B, H3), dt)
         yield  # the recurrent loop starts: run_phased may run it beside another kernel's loop
-        _gru_steps(Gt, list(HW), Hs, Wh, b_hn, 0, bt, tmp, True)
+        _gru_steps(Gt, list(HW), Hs, blocks, b_hn, 0, bt, tmp, True)
         yield  # the recurrent loop is done
         saved = (X, W_ih, W_hh, Hs, Gt, HW) + has + ({"bt": bt, "pack": pack},)
         return Hs[1:], _finals(Hs, lens), saved
@@ -1508,7 +1568,7 @@ def _gru_forward_general(X, h0, W_ih, W_hh, b_ih, b_hh, bt, lens, k):
         else:
             G = Gs[:hi - lo]
             _project(X2[lo * B:hi * B], Wi, bias, out=G.reshape(-1, H3))
-        _gru_steps(G, [hw] * (hi - lo), Hs, Wh, b_hn, lo, bt, tmp, True)
+        _gru_steps(G, [hw] * (hi - lo), Hs, blocks, b_hn, lo, bt, tmp, True)
     ext = {"bt": bt, "pack": pack and exact, "k": k, "exact": exact, "bias": bias, "b_hn": b_hn}
     saved = (X, W_ih, W_hh, Hs, None, None) + has + (ext,)
     return Hs[1:], _finals(Hs, lens), saved
@@ -1531,7 +1591,7 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
     dh_n = _arr(dh_n, dt)
     small = W_hh.size <= _WT_COPY_MAX
     if small:
-        WhhT = _transpose(W_hh)                    # (3H, H), torch row order (r, z, n)
+        blocks = _column_blocks(_transpose(W_hh), B)   # W_hh^T (3H, H), torch row order (r, z, n)
     else:
         gT = np.empty((H, B), dt)
     X2 = X.reshape(T * B, I)
@@ -1549,7 +1609,7 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
         n0 = min(k, T)
         bias, b_hn = ext["bias"], ext["b_hn"]
         Wi = _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE)
-        Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
+        fwd_blocks = _column_blocks(_gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1)), B)
         # two gate buffers: step t reads z_{t+1}, which may sit in the later segment's buffer
         Gpp = (np.zeros((n0, B, H3), dt), np.zeros((n0, B, H3), dt))
         HWg = np.zeros((n0, B, H3), dt)
@@ -1584,7 +1644,7 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
                 Dl = Dpp[si % 2][:n]
                 _project(X2[slo * B:shi * B], Wi, bias, out=G.reshape(n * B, H3))
             HWa = HWg[:n]
-            _gru_steps(G, list(HWa), Hs, Wh, b_hn, slo, bt, tmp, False)
+            _gru_steps(G, list(HWa), Hs, fwd_blocks, b_hn, slo, bt, tmp, False)
         D4 = Dl.reshape(n, B, 4, H)
         for lo, hi in _blocks(n, row_bytes):
             # ---- recurrence-independent factors (as gru_backward), rows active in the block ----
@@ -1601,7 +1661,8 @@ def _gru_backward_general(dY, dh_n, saved, grad_sq):
                     d1 *= znext[:b1]
                     if small:
                         tb = tmp[:b1]
-                        np.matmul(Dnext[:b1, H:], WhhT, out=tb)
+                        for w, cols in blocks:
+                            np.matmul(Dnext[:b1, H:], w, out=tb[:, cols])
                         d1 += tb
                     else:
                         gt = gT[:, :b1]

@@ -32,16 +32,27 @@ def test_one_process_needs_no_mpi():
     run([sys.executable, "-c", code])
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("sizes", [(), ("400", "8")], ids=["dense", "sparse-embedding"])
+def test_two_processes_equal_one(tmp_path, sizes):
+    """The same weights after ten steps; with a 400-word vocabulary (a window touches at most 56 rows) the
+    embedding's gradient goes as its rows in use, every step."""
     script = os.path.join(WORKERS, "data_parallel_lm.py")
-    run([sys.executable, script, str(tmp_path / "one.npz")])
-    run([mpiexec(), "-n", "2", sys.executable, script, str(tmp_path / "two.npz")])
+    run([sys.executable, script, str(tmp_path / "one.npz"), *sizes])
+    run([mpiexec(), "-n", "2", sys.executable, script, str(tmp_path / "two.npz"), *sizes])
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert int(one["world_size"]) == 1 and int(two["world_size"]) == 2
-    names = [n for n in one.files if n != "world_size"]
+    assert int(two["sparse_reductions"]) == (10 if sizes else 0)
+    names = [n for n in one.files if n not in ("world_size", "sparse_reductions")]
     assert len(names) > 5
     for name in names:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_average_of_every_kind_of_gradient(processes):
+    """Rows-in-use (one rank with none), dense, bucketed and in-place gradients all average to MPI's own sum."""
+    result = run([mpiexec(), "-n", str(processes), sys.executable, os.path.join(WORKERS, "average_gradients.py")])
+    assert result.stdout.count(": ok") == processes
 
 
 def _write_corpus(directory):

@@ -175,6 +175,7 @@ class DistributedOptimizer:
                 comm.Allreduce(_IN_PLACE(), h)
             else:
                 bucketed.append(i)
+        owners = iter(bucketed)
         for group in _buckets([host[i] for i in bucketed]):
             flat = np.empty(sum(h.size for h in group), np.float32)
             offset = 0
@@ -184,7 +185,7 @@ class DistributedOptimizer:
             comm.Allreduce(_IN_PLACE(), flat)
             offset = 0
             for h in group:
-                i = bucketed.pop(0)
+                i = next(owners)
                 self.params[i].grad = Tensor.make_const(_from_host(flat[offset:offset + h.size].reshape(h.shape),
                                                                    self.params[i]))
                 offset += h.size

@@ -143,7 +143,8 @@ def _set_layout(monkeypatch, layout, kind, B, H):
     if layout == "batch-major":
         monkeypatch.setattr(K, "_FEATURE_MAJOR_MAX_BATCH", 0)
     if layout == "small-gemm":
-        # about three blocks of the G*H forward columns (and of the H backward ones)
+        # about three blocks of the G*H forward columns (and of the H backward ones), whatever this BLAS
+        monkeypatch.setattr(K, "_has_small_gemm_kernel", lambda: True)
         monkeypatch.setattr(K, "_SMALL_GEMM_MACS", B * H * max(1, GATES[kind] * H // 3))
         monkeypatch.setattr(K, "_SMALL_GEMM_MAX_BLOCKS", 64)
     fm = layout != "batch-major" and K._small_gemm_width(B, H, GATES[kind] * H) is None
@@ -166,9 +167,10 @@ def test_against_torch(kind, shape, bias, dtype, layout, monkeypatch):
         assert feature_major
 
 
-def test_small_gemm_blocks():
+def test_small_gemm_blocks(monkeypatch):
     """_column_blocks: contiguous blocks that cover W's columns in order, each product within the limit;
-    one block where the product is small already or would need too many blocks."""
+    one block where the product is small already or would need too many blocks, or without the kernel."""
+    monkeypatch.setattr(K, "_has_small_gemm_kernel", lambda: True)
     W = np.arange(200 * 800, dtype=np.float32).reshape(200, 800)
     for rows, n in ((10, 2), (12, 2), (16, 1), (20, 1), (4, 1)):
         blocks = K._column_blocks(W, rows)
@@ -178,6 +180,8 @@ def test_small_gemm_blocks():
         if n > 1:
             assert all(w.flags.c_contiguous and rows * 200 * w.shape[1] <= K._SMALL_GEMM_MACS for w, _ in blocks)
     assert K._column_blocks(W, 10)[0][1] == slice(0, 400)      # whole 16-float vectors, even blocks
+    monkeypatch.setattr(K, "_has_small_gemm_kernel", lambda: False)
+    assert len(K._column_blocks(W, 10)) == 1
 
 
 @pytest.mark.parametrize("kind", list(GATES))

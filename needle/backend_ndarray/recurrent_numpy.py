@@ -158,14 +158,28 @@ _WT_COPY_MAX = 1 << 18
 # limit (the same dot products, summed by another kernel: equal to rounding, not bitwise). Past
 # _SMALL_GEMM_MAX_BLOCKS blocks one packed call (two-threaded where BLAS has two threads) is as fast
 # (measured: benchmarks/bench_layouts.py).
+# Other cores' OpenBLAS kernels (Haswell, Zen, ...) have no such path: there the steps keep one call.
 _SMALL_GEMM_MACS = 1_000_000
 _SMALL_GEMM_MAX_BLOCKS = 2
+_SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_small_gemm_kernel():
+    """Whether numpy's BLAS is an OpenBLAS running the kernels of a core in _SMALL_GEMM_CORES (asked once)."""
+    from threadpoolctl import threadpool_info
+
+    return any(p.get("internal_api") == "openblas" and str(p.get("architecture", "")).lower() in _SMALL_GEMM_CORES
+               for p in threadpool_info())
 
 
 def _small_gemm_width(rows, K, N):
     """Column-block width that puts each block of a (rows, K) @ (K, N) product within
     _SMALL_GEMM_MACS (whole 16-float vectors where it can), or None when one call is better: the
-    product is small already, or would take more than _SMALL_GEMM_MAX_BLOCKS blocks."""
+    product is small already, would take more than _SMALL_GEMM_MAX_BLOCKS blocks, or the BLAS has no
+    small-matrix kernel."""
+    if not _has_small_gemm_kernel():
+        return None
     width = _SMALL_GEMM_MACS // max(1, rows * K)
     width = width // 16 * 16 if width >= 16 else width
     if width >= N or width == 0 or -(-N // width) > _SMALL_GEMM_MAX_BLOCKS:

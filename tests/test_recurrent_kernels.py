@@ -131,10 +131,11 @@ SHAPES = [  # (T, B, I, H)
 ]
 
 
-# The plain paths' step layouts. "auto": the sizes here are all small, so the LSTM and GRU run feature-major (below _FEATURE_MAJOR_MAX_BATCH and _FEATURE_MAJOR_MAX_HIDDEN) and no step GEMM
-# reaches the small-matrix limit; "batch-major": forced; "small-gemm": the limit lowered so that the
-# batch-major steps split their GEMMs into column blocks (_column_blocks), forward and backward, and the
-# LSTM and GRU then run batch-major wherever that splits.
+# The plain paths' step layouts. "auto": the sizes here are all small, so the LSTM and GRU run feature-major
+# (below _FEATURE_MAJOR_MAX_BATCH and _FEATURE_MAJOR_MAX_HIDDEN) and no step GEMM reaches the small-matrix
+# limit; "batch-major": forced; "small-gemm": the limit lowered so that the batch-major steps split their
+# GEMMs into column blocks (_column_blocks), forward and backward, and the LSTM and GRU then run batch-major
+# wherever that splits.
 LAYOUTS = ("auto", "batch-major", "small-gemm")
 
 
@@ -299,7 +300,7 @@ def test_lengths_and_recompute_with_small_gemm_blocks(kind, k, monkeypatch):
     the backward's recomputed forward), against torch, and bitwise equal to the same call without
     recomputation."""
     _set_layout(monkeypatch, "small-gemm", kind, 6, 4)
-    assert K._small_gemm_width(6, 4, GATES[kind] * 4) is not None or GATES[kind] == 1
+    assert K._small_gemm_width(6, 4, GATES[kind] * 4) is not None
     lengths = np.array(LENGTHS["mixed"])
     p = _make(kind, 9, 6, 5, 4, True, np.float64, seed=7)
     ours, _ = _ours(kind, p, lengths=lengths, recompute_every=k)

@@ -156,6 +156,9 @@ OPS = {
                               "saturating", UNARY_SHAPES[:2]),
     # linear algebra
     "matmul": Row(ndl.matmul, torch.matmul, np.matmul, "real", MATMUL_SHAPES),
+    "affine": Row(ndl.ops.affine, lambda x, w, b: x @ w + b, lambda x, w, b: x @ w + b, "real",
+                  [case((3, 4), (4, 5), (1, 5)), case((3, 4), (4, 5), (5,)), case((1, 1), (1, 1), (1, 1)),
+                   case((6, 2), (2, 1), (1,))]),
     # reductions and shapes
     "summation": Row(lambda a, axes: ndl.summation(a, axes), lambda a, axes: a.sum(dim=_all_axes(axes, a.ndim)),
                      lambda a, axes: np.sum(a, axis=axes), "real",

@@ -101,9 +101,13 @@ class Linear(Module):
     def forward(self, X):
         _check_features("Linear", X, self.in_features)
         flat = X.ndim == 2  # the common case needs no reshape on either side of the matmul
-        out = ops.matmul(X if flat else X.reshape((-1, self.in_features)), self.weight)
-        if self.bias is not None:
-            out = out + ops.broadcast_to(self.bias, out.shape)
+        X2 = X if flat else X.reshape((-1, self.in_features))
+        if self.bias is not None and self.bias.shape in ((1, self.out_features), (self.out_features,)):
+            out = ops.affine(X2, self.weight, self.bias)          # the bias added in place: one (n, out) array
+        else:
+            out = ops.matmul(X2, self.weight)
+            if self.bias is not None:
+                out = out + ops.broadcast_to(self.bias, out.shape)
         return out if flat else out.reshape(X.shape[:-1] + (self.out_features,))
 
 

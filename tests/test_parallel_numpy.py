@@ -156,6 +156,33 @@ def test_import_sets_openblas_thread_timeout_unless_the_user_did(given, expected
     assert out == expected
 
 
+_FAULTS = """
+import resource, numpy as np, needle
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(4 * 2 ** 20, np.float32); del a
+f0 = faults()
+for _ in range(10):
+    a = np.ones(4 * 2 ** 20, np.float32)   # 16 MiB, written, freed
+    del a
+print(faults() - f0)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="malloc tuning is for glibc")
+def test_import_keeps_freed_memory_unless_told_not_to():
+    """A 16 MiB array allocated and freed ten times: with needle's malloc settings its pages stay in the
+    process (no page faults after the first); NEEDLE_MALLOC_TUNING=0 leaves glibc's defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def faults(**extra):
+        return int(subprocess.run([sys.executable, "-c", _FAULTS], env=dict(env, **extra), capture_output=True,
+                                  text=True, check=True).stdout)
+
+    tuned, default = faults(), faults(NEEDLE_MALLOC_TUNING="0")
+    assert tuned <= 10 and default > tuned, (tuned, default)
+
+
 def _phased(log, name, value, fail=False):
     """A phased kernel: set-up, a loop (between its two yields) and a finish; logs each part's thread."""
     import threading

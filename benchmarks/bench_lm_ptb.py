@@ -8,9 +8,9 @@ built from the seed and copied into torch). The training text is ptb.valid.txt a
 ptb.test.txt; the vocabulary is built over both with needle.data.Dictionary (`<eos>` after every line).
 
 Each framework runs in a child process of its own (numpy's OpenBLAS and torch's OpenMP thread pools slow
-each other down in one process), 2 threads each (--threads; the needle child gets OPENBLAS_NUM_THREADS), and
-reports JSON; --same-process runs both here, one after the other. Printed: per epoch train perplexity and
-seconds for both, test perplexity for both and their ratio, total wall time for both and needle/torch.
+each other down in one process), 2 threads each (--threads; the needle child gets OPENBLAS_NUM_THREADS; the
+torch child keeps glibc's default malloc settings, NEEDLE_MALLOC_TUNING=0), and reports JSON; --same-process
+runs both here, one after the other. Printed: per epoch train perplexity and seconds for both, test perplexity for both and their ratio, total wall time for both and needle/torch.
 The machine may be shared: --repeat N runs each framework N times, alternating, and the table shows each
 framework's fastest run (every run's total is listed too; the perplexities do not change from run to run).
 
@@ -208,6 +208,10 @@ def run_child(args, framework):
     """Run one framework in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--framework", framework] + _forwarded(args)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads))  # read when numpy loads
+    if framework == "torch":
+        # the torch child imports needle for the data and the initial weights: keep glibc's malloc as a
+        # PyTorch user has it (needle's import would otherwise tune it for torch too, needle/__init__.py)
+        env["NEEDLE_MALLOC_TUNING"] = "0"
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"bench_lm_ptb: the {framework} child failed with status {proc.returncode}")

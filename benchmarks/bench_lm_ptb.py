@@ -10,7 +10,8 @@ ptb.test.txt; the vocabulary is built over both with needle.data.Dictionary (`<e
 Each framework runs in a child process of its own (numpy's OpenBLAS and torch's OpenMP thread pools slow
 each other down in one process), 2 threads each (--threads; the needle child gets OPENBLAS_NUM_THREADS; the
 torch child keeps glibc's default malloc settings, NEEDLE_MALLOC_TUNING=0), and reports JSON; --same-process
-runs both here, one after the other. Printed: per epoch train perplexity and seconds for both, test perplexity for both and their ratio, total wall time for both and needle/torch.
+runs both here, one after the other. Printed: per epoch train perplexity and seconds for both, test
+perplexity for both and their ratio, total wall time for both and needle/torch.
 The machine may be shared: --repeat N runs each framework N times, alternating, and the table shows each
 framework's fastest run (every run's total is listed too; the perplexities do not change from run to run).
 

@@ -700,13 +700,9 @@ def lstm_forward_phases(X, h0, c0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=Non
     Wh = _gates(W_hh, H, _LSTM_FWD, _LSTM_SCALE)
     Gt = np.matmul(X.reshape(T * B, I), _gates(W_ih, H, _LSTM_FWD, _LSTM_SCALE))
     Gt = Gt.reshape(T, B, 4 * H)
-    if b_ih is not None or b_hh is not None:
-        b = np.zeros(4 * H, dt)
-        if b_ih is not None:
-            b += _arr(b_ih, dt)
-        if b_hh is not None:
-            b += _arr(b_hh, dt)
-        Gt += _gates(b, H, _LSTM_FWD, _LSTM_SCALE)
+    bias = _lstm_bias(b_ih, b_hh, H, dt)
+    if bias is not None:
+        Gt += bias
     Hs = np.empty((T + 1, B, H), dt)
     Cs = np.empty((T + 1, B, H), dt)
     TC = np.empty((T, B, H), dt)
@@ -1251,16 +1247,9 @@ def gru_forward_phases(X, h0, W_ih, W_hh, b_ih=None, b_hh=None, lengths=None, re
     Wh = _gates(W_hh, H, (0, 1, 2), (0.5, 0.5, 1))
     Gt = np.matmul(X.reshape(T * B, I), _gates(W_ih, H, _GRU_IN, _GRU_IN_SCALE))
     Gt = Gt.reshape(T, B, H3)
-    b_hn = None
-    if b_ih is not None or b_hh is not None:
-        b = np.zeros(H3, dt)                      # torch order
-        if b_ih is not None:
-            b += _arr(b_ih, dt)
-        if b_hh is not None:
-            bh = _arr(b_hh, dt)
-            b[:H2] += bh[:H2]                     # b_hr, b_hz add straight in
-            b_hn = bh[H2:]                        # b_hn sits inside r * (...)
-        Gt += _gates(b, H, _GRU_IN, _GRU_IN_SCALE)
+    bias, b_hn = _gru_bias(b_ih, b_hh, H, dt)    # b_hn sits inside r * (...), apart
+    if bias is not None:
+        Gt += bias
     Hs = np.empty((T + 1, B, H), dt)
     Hs[0] = _h0(h0, B, H, dt)
     HW = np.empty((T, B, H3), dt)

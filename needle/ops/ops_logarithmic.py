@@ -3,7 +3,7 @@ import numpy as np
 
 from ..autograd import Tensor, TensorOp
 from ..backend_ndarray.ndarray import NDArray, _norm_axes
-from .ops_mathematic import _check_tensor
+from .ops_mathematic import _check_tensor, _for_rows
 
 __all__ = ["LogSumExp", "LogSoftmax", "SoftmaxCrossEntropy", "logsumexp", "logsoftmax",
            "softmax_cross_entropy"]
@@ -71,12 +71,6 @@ def logsoftmax(a):
     if a.ndim < 1:
         raise ValueError(f"logsoftmax: input must be at least 1-D, got {a.shape}")
     return LogSoftmax()(a)
-
-
-def _for_rows(device, fn, rows, elements):
-    """fn(block) over row blocks, on several threads where the backend offers it (parallel_numpy.py)."""
-    parallel = device.kernel("for_rows")
-    return parallel(fn, rows, elements) if parallel else [fn(slice(0, rows))]
 
 
 class SoftmaxCrossEntropy(TensorOp):

@@ -311,6 +311,12 @@ def matmul(a, b):
     return MatMul()(a, b)
 
 
+def _for_rows(device, fn, rows, elements):
+    """fn(block) over row blocks, on several threads where the backend offers it (parallel_numpy.py)."""
+    parallel = device.kernel("for_rows")
+    return parallel(fn, rows, elements) if parallel else [fn(slice(0, rows))]
+
+
 class Affine(TensorOp):
     """x @ w + b for x (n, k), w (k, m) and b (1, m) or (m,), as one op: the bias goes into the fresh product
     in place, row block by row block on the backend's threads. Unlike matmul then add, it makes no second
@@ -321,15 +327,11 @@ class Affine(TensorOp):
     def compute(self, x, w, b):
         out = x @ w
         y, bias, xp = out.x, b.x.reshape(1, -1), out.device.xp
-        parallel = out.device.kernel("for_rows")
 
         def rows(sl):
             xp.add(y[sl], bias, out=y[sl])
 
-        if parallel is None:
-            rows(slice(None))
-        else:
-            parallel(rows, y.shape[0], y.size)
+        _for_rows(out.device, rows, y.shape[0], y.size)
         return out
 
     def gradient(self, out_grad, node):

@@ -70,19 +70,21 @@ def blas_threads():
     return max((p["num_threads"] for p in threadpool_info() if p.get("internal_api") == "openblas"), default=0)
 
 
+def set_knobs(fm_batch, fm_hidden, blocks):
+    kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN = fm_batch, fm_hidden
+    kernels._SMALL_GEMM_MAX_BLOCKS = blocks
+
+
 def with_layout(step, layout):
     fm, blocks = LAYOUTS[layout]
-    kernels._FEATURE_MAJOR_MAX_BATCH = kernels._FEATURE_MAJOR_MAX_HIDDEN = fm
-    kernels._SMALL_GEMM_MAX_BLOCKS = blocks
+    set_knobs(fm, fm, blocks)
     start = time.perf_counter()
     out = step()
     return time.perf_counter() - start, out
 
 
-def default_layout(kind, workload, knobs):
-    """The layout the default settings give this workload."""
-    _, B, _, H = workload
-    kernels._FEATURE_MAJOR_MAX_BATCH, kernels._FEATURE_MAJOR_MAX_HIDDEN, kernels._SMALL_GEMM_MAX_BLOCKS = knobs
+def default_layout(kind, B, H):
+    """The layout the kernels' current settings give this size."""
     if kernels._feature_major(B, H, GATES[kind]):
         return "feature-major"
     return "one-gemm" if kernels._small_gemm_width(B, H, GATES[kind] * H) is None else "small-gemm"
@@ -100,26 +102,29 @@ def main():
           f"block is all it takes)")
     print(f"{'kind':5} {'workload':8} {'feature-major':>13} {'small-gemm':>11} {'one-gemm':>9} {'default':>14} "
           f"{'max rel diff':>13}")
-    for kind in args.kinds:
-        for name in args.workloads:
-            step = kernel_step(kind, WORKLOADS[name])
-            _, B, _, H = WORKLOADS[name]
-            kernels._SMALL_GEMM_MAX_BLOCKS = 1 << 30
-            blocked = kernels._small_gemm_width(B, H, GATES[kind] * H) is not None
-            layouts = [x for x in LAYOUTS if blocked or x != "small-gemm"]
-            outs = {layout: with_layout(step, layout)[1] for layout in layouts}
-            diff = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-                       for other in layouts[1:]
-                       for a, b in zip(outs[layouts[0]], outs[other]) if a is not None)
-            times = {layout: [] for layout in layouts}
-            for _ in range(STEPS[name]):
-                for layout in layouts:
-                    times[layout].append(with_layout(step, layout)[0])
-            ms = {layout: f"{1e3 * statistics.median(times[layout]):.2f}" for layout in layouts}
-            print(f"{kind:5} {name:8} {ms['feature-major']:>13} {ms.get('small-gemm', 'n/a'):>11} "
-                  f"{ms['one-gemm']:>9} {default_layout(kind, WORKLOADS[name], knobs):>14} {diff:13.1e}",
-                  flush=True)
-    default_layout("lstm", WORKLOADS["tiny"], knobs)   # restores the knobs
+    try:
+        for kind in args.kinds:
+            for name in args.workloads:
+                step = kernel_step(kind, WORKLOADS[name])
+                _, B, _, H = WORKLOADS[name]
+                set_knobs(*knobs)
+                default = default_layout(kind, B, H)
+                set_knobs(0, 0, LAYOUTS["small-gemm"][1])
+                blocked = kernels._small_gemm_width(B, H, GATES[kind] * H) is not None
+                layouts = [x for x in LAYOUTS if blocked or x != "small-gemm"]
+                outs = {layout: with_layout(step, layout)[1] for layout in layouts}
+                diff = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+                           for other in layouts[1:]
+                           for a, b in zip(outs[layouts[0]], outs[other]) if a is not None)
+                times = {layout: [] for layout in layouts}
+                for _ in range(STEPS[name]):
+                    for layout in layouts:
+                        times[layout].append(with_layout(step, layout)[0])
+                ms = {layout: f"{1e3 * statistics.median(times[layout]):.2f}" for layout in layouts}
+                print(f"{kind:5} {name:8} {ms['feature-major']:>13} {ms.get('small-gemm', 'n/a'):>11} "
+                      f"{ms['one-gemm']:>9} {default:>14} {diff:13.1e}", flush=True)
+    finally:
+        set_knobs(*knobs)
 
 
 if __name__ == "__main__":

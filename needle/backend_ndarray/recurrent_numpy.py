@@ -39,6 +39,8 @@ How it is made fast (see /work/shared/PERF_NOTES.md):
   * small batches of small layers (LSTM and GRU, B <= 32 and H <= 512) run feature-major: a step's
     gates and states as (features, batch) arrays, so each recurrent GEMM is weights @ states, which
     OpenBLAS runs faster for few rows than states @ weights, and each gate is a contiguous block of rows;
+    except where a batch-major step GEMM splits into two column blocks small enough for OpenBLAS's
+    small-matrix kernel, which skips repacking the weights every step (_SMALL_GEMM_MACS; around B = 10);
   * preallocated buffers, out= and in-place ufuncs; a contiguous W_hh^T for the backward
     (a skinny GEMM with a transposed operand runs at about half speed); bias gradients as
     a GEMV with a ones vector (multithreaded, unlike a numpy sum).

@@ -20,7 +20,7 @@ from .. import init, ops
 from ..autograd import Tensor
 from .nn_basic import Module, Parameter
 
-__all__ = ["RNNCell", "RNN", "LSTMCell", "LSTM", "GRUCell", "GRU", "Embedding"]
+__all__ = ["RNNCell", "RNN", "LSTMCell", "LSTM", "GRUCell", "GRU", "Recurrent", "Embedding"]
 
 
 def _uniform(shape, hidden_size, device, dtype):
@@ -51,8 +51,9 @@ def _check_state(who, label, h, shape):
 
 
 class _Cell(Module):
-    """Shared parameters and checks of the three cells; `gates` is G."""
+    """Shared parameters and checks of the three cells; `gates` is G, `num_states` 1 (h) or 2 (h, c)."""
     gates = 1
+    num_states = 1
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype="float32"):
         super().__init__()
@@ -126,6 +127,7 @@ class LSTMCell(_Cell):
     all ~ U(-sqrt(k), sqrt(k)), k = 1 / hidden_size.
     """
     gates = 4
+    num_states = 2
 
     def forward(self, X, h=None):
         bs = self._check(X)
@@ -280,10 +282,12 @@ class _Recurrent(Module):
         who, shape = type(self).__name__, (rows, X.shape[1], self.hidden_size)
         if h0 is None:
             return [None] * rows
-        if self.n_states > 1 and (not isinstance(h0, (tuple, list)) or len(h0) != 2):
-            raise ValueError(f"{who}: h must be a pair (h0, c0) or None, got {type(h0).__name__}")
+        if self.n_states > 1 and (not isinstance(h0, (tuple, list)) or len(h0) != self.n_states):
+            expected = "a pair (h0, c0)" if self.n_states == 2 else f"a tuple of {self.n_states} states"
+            raise ValueError(f"{who}: h must be {expected} or None, got {type(h0).__name__}")
         parts = h0 if self.n_states > 1 else (h0,)
-        for label, state in zip(("h0", "c0"), parts):
+        labels = ("h0", "c0") if self.n_states <= 2 else tuple(f"state[{k}]" for k in range(self.n_states))
+        for label, state in zip(labels, parts):
             _check_state(who, label, state, shape)
         per_state = [ops.split(state, 0).tuple() for state in parts]
         return [tuple(states[row] for states in per_state) for row in range(rows)]
@@ -311,7 +315,7 @@ class _Recurrent(Module):
                 lengths = None  # every sequence is full: the plain path is the same computation
         states = self._initial_states(X, h0)
         masks = self._dropout_masks(X)
-        fused = self.fused and ops.has_fused_kernels(X.device, self.kind)
+        fused = self._fused_for(X)
         order = None
         if fused and lengths is not None and (np.diff(lengths) > 0).any():
             # sort by length once per call, so each step runs only the sequences still going (the kernels
@@ -337,6 +341,10 @@ class _Recurrent(Module):
         if self.batch_first:
             output = ops.transpose(output, (0, 1))
         return output, (stacked if self.n_states > 1 else stacked[0])
+
+    def _fused_for(self, X):
+        """Whether this call takes the fused path."""
+        return self.fused and ops.has_fused_kernels(X.device, self.kind)
 
     def _zeros_state(self, bs, like):
         zeros = init.zeros(bs, self.hidden_size, device=like.device, dtype=like.dtype)
@@ -544,6 +552,114 @@ class GRU(_Recurrent):
 
     def _layer_op(self, cell, bias, **options):
         return ops.GRULayer(bias, **options)
+
+
+class Recurrent(_Recurrent):
+    """A multi-layer recurrent network of any cell: for every step t and layer l,
+    state_t^(l) = cell_l(x_t^(l), state_{t-1}^(l)), with x_t^(1) = x_t and x_t^(l) = h_t^(l-1) (the first
+    Tensor of the state) for l >= 2: the seed's multi-layer RNN, one cell per layer shared by every step.
+
+    A cell is a Module with `hidden_size`, `num_states` (1: a state h; 2 or more: a tuple (h, c, ...);
+    default 1) and `forward(X, state)` returning the next state in the same form. The fused path compiles the
+    cell (needle.compiler): its `forward` is traced once, its BPTT derived from the trace, and both run as
+    whole-sequence kernels (the input products hoisted into one GEMM, each step's recurrent products as
+    GEMMs and everything between them in compiled loops, each weight gradient one GEMM after the loop).
+
+    Args:
+        make_cell: called as make_cell(in_features) once per layer (input_size for layer 0, hidden_size
+            after it); every layer's cell must have the same hidden_size and num_states.
+        input_size: features of X. num_layers: default 1.
+        fused: None (default) compiles the cell when it can, else takes the reference path with one warning
+            naming what stopped it; True requires compilation (ValueError otherwise); False always takes the
+            reference path. NEEDLE_FUSED=0 makes None mean False. Changeable at any time.
+        batch_first, dropout: as RNN's. device, dtype: where X is expected (default cpu, "float32").
+    Shapes: X (seq_len, bs, input_size), state None (zeros) or (num_layers, bs, hidden_size) (a tuple of
+        num_states such Tensors for several states), lengths (bs,) or None -> (output (seq_len, bs,
+        hidden_size), the last layer's h_t, zero past each sequence's length; state_n in state's form).
+
+    >>> import needle as ndl, numpy as np
+    >>> rnn = ndl.nn.Recurrent(lambda n: ndl.nn.GRUCell(n, 6), input_size=4, num_layers=2)
+    >>> out, h_n = rnn(ndl.Tensor(np.ones((5, 3, 4))))
+    >>> out.shape, h_n.shape
+    ((5, 3, 6), (2, 3, 6))
+    """
+    cells_name = "cells"
+
+    def __init__(self, make_cell, input_size, num_layers=1, *, fused=None, batch_first=False, dropout=0.0,
+                 device=None, dtype="float32"):
+        if not callable(make_cell):
+            raise TypeError(f"Recurrent: make_cell must be callable, got {type(make_cell).__name__}")
+        _check_sizes("Recurrent", input_size, 1, num_layers)
+        first = make_cell(input_size)
+        for attr in ("hidden_size", "forward"):
+            if not hasattr(first, attr):
+                raise TypeError(f"Recurrent: make_cell must return a cell with {attr}, got {type(first).__name__}")
+        self.hidden_size = first.hidden_size
+        self.n_states = getattr(first, "num_states", 1)
+
+        def make(size):
+            cell = make_cell(size)
+            got = (getattr(cell, "hidden_size", None), getattr(cell, "num_states", 1))
+            if got != (self.hidden_size, self.n_states):
+                raise ValueError(f"Recurrent: every layer's cell must have hidden_size {self.hidden_size} and "
+                                 f"num_states {self.n_states} (layer 0's), got hidden_size {got[0]} and "
+                                 f"num_states {got[1]}")
+            return cell
+
+        made = [first] + [make(self.hidden_size) for _ in range(num_layers - 1)]
+        super().__init__(input_size, self.hidden_size, num_layers, device, dtype, False,
+                         lambda size: made.pop(0), batch_first, dropout)
+        self.fused = fused
+        self._compiled = {}
+        self._warned = False
+
+    def _initial_states(self, X, h0):
+        states = super()._initial_states(X, h0)
+        return [self._zeros_state(X.shape[1], X) if s is None else s for s in states]
+
+    def _fused_for(self, X):
+        if self.fused is False or (self.fused is None and os.environ.get("NEEDLE_FUSED", "1") == "0"):
+            return False
+        try:
+            if X.device.xp is not np:
+                from ..compiler.trace import Unsupported
+                raise Unsupported(f"a device without compiled kernels ({X.device!r})")
+            for layer, cell in enumerate(self.cells):
+                self._compiled_cell(cell, self.input_size if layer == 0 else self.hidden_size)
+            return True
+        except Exception as error:
+            from ..compiler.trace import Unsupported
+            if not isinstance(error, Unsupported):
+                raise
+            if self.fused:
+                raise ValueError(f"Recurrent: cannot compile the cell {type(self.cells[0]).__name__}: "
+                                 f"it uses {error.what}") from None
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"Recurrent: the cell {type(self.cells[0]).__name__} uses {error.what}, which "
+                              "a compiled step cannot run; taking the reference path", UserWarning, stacklevel=4)
+            return False
+
+    def _compiled_cell(self, cell, in_features):
+        """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
+        from ..compiler.fused import compile_cell
+        from ..compiler.trace import cell_tensors
+        signature = (in_features, cell.training,
+                     tuple((path, id(t), t.shape, t.dtype) for path, t in cell_tensors(cell)),
+                     tuple((k, v) for k, v in sorted(vars(cell).items())
+                           if isinstance(v, (bool, int, float, str, type(None)))))
+        known = self._compiled.get(id(cell))
+        if known is None or known[0] != signature:
+            known = (signature, compile_cell(cell, in_features))
+            self._compiled[id(cell)] = known
+        return known[1]
+
+    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+        from ..compiler.fused import CompiledLayer
+        compiled = self._compiled_cell(cell, X.shape[2])
+        state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
+        result = CompiledLayer(compiled, lengths)(X, *state, *compiled.parameters(cell)).tuple()
+        return result[0], result[1:]
 
 
 class Embedding(Module):

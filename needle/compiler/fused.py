@@ -1,0 +1,153 @@
+"""Run a compiled cell: one op per layer over the whole sequence, with the derived BPTT as its gradient.
+
+`compile_cell(cell, in_features)` traces the cell, derives the backward, renders both, and loads the
+kernels (cached in memory and on disk). `CompiledLayer` is the autograd op of one layer:
+
+    compute(X (T, B, F), *states (B, H), *matrices, *vectors) -> (Y (T, B, H), *final_states)
+
+What the forward keeps for backward, per step: every state (T + 1 of each, also the output), the hoisted
+products X @ M, and the forward values the derived backward reads that are not among those (for an LSTM the
+four gate activations and tanh(c'); for a GRU r, z, n and the recurrent product), plus the operand of each
+per-step product that is not a state. With `lengths` (sorted longest first), step t runs only the nb[t]
+sequences still going; finished ones keep zeros in Y and their final state is read at their own last step.
+"""
+import numpy as np
+
+from ..autograd import Tensor, TensorTupleOp
+from ..backend_ndarray.ndarray import NDArray
+from .cache import load_source
+from .codegen_numba import render
+from .derive import derive
+from .trace import _get, trace_cell
+
+__all__ = ["CompiledCell", "CompiledLayer", "compile_cell"]
+
+_COMPILED = {}
+
+
+class CompiledCell:
+    """A traced cell's kernels and what the runtime needs to call them."""
+
+    def __init__(self, trace):
+        self.trace = trace
+        self.backward_graph = derive(trace.graph)
+        self.source, self.plan, dims = render(trace.graph, self.backward_graph, trace.num_states,
+                                              trace.hidden_size)
+        self.dims = np.array(dims, dtype=np.int64)
+        self.module = load_source(self.source)
+
+    @property
+    def path(self):
+        """The generated source file (readable)."""
+        return self.module.path
+
+    def parameters(self, cell):
+        """The kernel's matrices and vectors (Tensors) from the cell's current tensors, via the prelude."""
+        values = [_get(cell, path) for path in self.trace.paths]
+        for op, slots in self.trace.prelude:
+            values.append(op(*[values[s] for s in slots]))
+        matrices = [values[s] for s in self.trace.matrices]
+        vectors = []
+        for s in self.trace.vectors:
+            v = values[s]
+            vectors.append(v if len(v.shape) == 1 else v.reshape((int(np.prod(v.shape)),)))
+        return matrices + vectors
+
+    def kernels(self, dtype):
+        suffix = "f32" if np.dtype(dtype) == np.float32 else "f64"
+        return getattr(self.module, "forward_" + suffix), getattr(self.module, "backward_" + suffix)
+
+
+def compile_cell(cell, in_features):
+    """The CompiledCell of `cell` for inputs of `in_features` (traced now; kernels shared by structure)."""
+    trace = trace_cell(cell, in_features)
+    key = (trace.graph.text(), trace.num_states, trace.hidden_size)
+    if key not in _COMPILED:
+        _COMPILED[key] = CompiledCell(trace)
+    compiled = _COMPILED[key]
+    if compiled.trace is not trace:
+        compiled = _Retargeted(compiled, trace)
+    return compiled
+
+
+class _Retargeted:
+    """The same kernels, with the paths and prelude of another trace of an identical step graph."""
+
+    def __init__(self, compiled, trace):
+        self.__dict__.update(compiled.__dict__)
+        self.trace = trace
+
+    parameters = CompiledCell.parameters
+    kernels = CompiledCell.kernels
+    path = CompiledCell.path
+
+
+def _c(a, dtype):
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class CompiledLayer(TensorTupleOp):
+    """One layer of a compiled cell over a whole sequence; see the module docstring."""
+    name = "Recurrent"
+
+    def __init__(self, compiled, lengths=None):
+        self.compiled, self.lengths = compiled, lengths
+        self.saved = None
+
+    def compute(self, X, *args):
+        c = self.compiled
+        n, plan = c.trace.num_states, c.plan
+        dtype = X.dtype
+        x = _c(X.numpy(), dtype)
+        T, B, _ = x.shape
+        states = [_c(a.numpy(), dtype) for a in args[:n]]
+        n_mat = len(c.trace.matrices)
+        M = tuple(_c(a.numpy(), dtype) for a in args[n:n + n_mat])
+        P = tuple(_c(a.numpy(), dtype) for a in args[n + n_mat:])
+        H = c.trace.hidden_size
+        S = tuple(np.zeros((T + 1, B, H), dtype) for _ in range(n))
+        for k in range(n):
+            S[k][0] = states[k]
+        widths = plan.widths
+        XW = tuple(np.empty((T, B, widths[i]), dtype) for i in plan.xw)
+        make = np.zeros if self.lengths is not None else np.empty
+        SV = tuple(make((T, B, widths[i]), dtype) for i in plan.saved)
+        if self.lengths is None:
+            nbs = np.full(T, B, dtype=np.int64)
+        else:
+            nbs = (self.lengths[None, :] > np.arange(T)[:, None]).sum(axis=1).astype(np.int64)
+        forward, _ = c.kernels(dtype)
+        forward(x, S, XW, SV, M, P, nbs, c.dims)
+        self.saved = (x, S, XW, SV, M, P, nbs)
+        if self.lengths is None:
+            finals = [S[k][T] for k in range(n)]
+        else:
+            rows = np.arange(B)
+            finals = [S[k][self.lengths, rows] for k in range(n)]
+        device = X.device
+        return (NDArray.from_xp(S[0][1:], device),) + tuple(NDArray.from_xp(f, device) for f in finals)
+
+    def gradient(self, out_grad, node):
+        c = self.compiled
+        plan, n = c.plan, c.trace.num_states
+        x, S, XW, SV, M, P, nbs = self.saved
+        dtype = x.dtype
+        T, B, F = x.shape
+        grads = [g.numpy() for g in out_grad.cached_data]
+        dY = _c(grads[0], dtype)
+        C = tuple(np.array(g, dtype=dtype, order="C") for g in grads[1:])
+        Cn = tuple(np.empty_like(a) for a in C)
+        widths = plan.widths
+        dXW = tuple(np.zeros((T, B, widths[i]), dtype) for i in plan.xw)
+        DY = tuple(np.zeros((T, B, widths[i]), dtype) for i in plan.mm)
+        dXe = np.zeros((T, B, F), dtype) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
+        dP = tuple(np.zeros_like(p) for p in P)
+        dM = tuple(np.zeros_like(m) for m in M)
+        MT = tuple(np.ascontiguousarray(m.T) for m in M)
+        dX = np.zeros((T, B, F), dtype)
+        _, backward = c.kernels(dtype)
+        dS0 = backward(x, S, XW, SV, M, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, dM, dX)
+        self.saved = None
+        device = node.inputs[0].device
+        out = [dX] + list(dS0) + list(dM) + list(dP)
+        return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)

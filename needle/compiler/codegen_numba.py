@@ -117,13 +117,15 @@ class _Step:
             n = nodes[i]
             level[i] = 0 if n.op in INPUT_OPS else max(
                 (level[a.node] + (nodes[a.node].op in GEMM_OPS) for a in n.args), default=0)
-        # elementwise work runs as late as its consumers allow, so it shares a pass with the work after
-        # the GEMMs instead of making a pass of its own before them
+        # elementwise work that reads no value computed in its own segment runs as late as its consumers
+        # allow, so it shares a pass with the work after the GEMMs instead of making a pass of its own
         last = max(level.values(), default=0) + 1
         uses = self.consumers()
         for i in reversed(self.live):
             n = nodes[i]
-            if n.op in INPUT_OPS or n.op in GEMM_OPS:
+            if n.op in INPUT_OPS or n.op in GEMM_OPS or any(
+                    nodes[a.node].op not in INPUT_OPS and nodes[a.node].op not in GEMM_OPS
+                    and level[a.node] == level[i] for a in n.args):
                 continue
             late = min((level[c] for c, _ in uses.get(i, [])), default=last)
             level[i] = max(level[i], late)
@@ -377,6 +379,10 @@ def render(forward, backward, n_states, hidden_size):
     fwd_graph = _add_outputs(forward, fwd_outputs)
     bwd_outputs = [(kind, (plan.mm.index(k) if kind == "dmm" else plan.xw.index(k) if kind == "dxw" else k), ref)
                    for kind, k, ref in backward.outputs]
+    # a per-step product whose output gradient is a hoisted product's too (x W + h U + b) shares its buffer
+    dxw_of = {ref: q for kind, q, ref in bwd_outputs if kind == "dxw"}
+    plan.dmm_alias = {q: dxw_of[ref] for kind, q, ref in bwd_outputs if kind == "dmm" and ref in dxw_of}
+    bwd_outputs = [o for o in bwd_outputs if not (o[0] == "dmm" and o[1] in plan.dmm_alias)]
     bwd_graph = _add_outputs(backward, bwd_outputs)
     carried = {k for kind, k, _ in bwd_outputs if kind == "carry"}
 

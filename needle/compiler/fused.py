@@ -139,7 +139,8 @@ class CompiledLayer(TensorTupleOp):
         Cn = tuple(np.empty_like(a) for a in C)
         widths = plan.widths
         dXW = tuple(np.zeros((T, B, widths[i]), dtype) for i in plan.xw)
-        DY = tuple(np.zeros((T, B, widths[i]), dtype) for i in plan.mm)
+        DY = tuple(dXW[plan.dmm_alias[q]] if q in plan.dmm_alias else np.zeros((T, B, widths[i]), dtype)
+                   for q, i in enumerate(plan.mm))
         dXe = np.zeros((T, B, F), dtype) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
         dP = tuple(np.zeros_like(p) for p in P)
         dM = tuple(np.zeros_like(m) for m in M)

@@ -1,8 +1,9 @@
 """Render a traced cell's forward and backward step graphs as Python source for Numba's @njit.
 
-Each kernel runs the whole sequence: the forward one first multiplies all T*B input rows by each hoisted
-matrix (one GEMM each), then loops over time; the backward one loops from the last step to the first, then
-computes every weight gradient and dX as one GEMM over all steps. Inside a step the graph is cut at its
+Each kernel runs the time loop of a whole sequence, forward from the first step or backward from the last.
+The GEMMs over all T*B rows (the hoisted input products before the loop, every weight gradient and dX after
+it) are not in the kernels: the runtime (fused.py) calls numpy for them, whose OpenBLAS ran those shapes up
+to twice as fast as the one Numba's np.dot calls (scipy's). The per-step GEMMs stay inside, as np.dot. Inside a step the graph is cut at its
 GEMMs into segments; a segment is one pass over the batch rows that runs, per row, a few inner loops over
 features. Elementwise nodes of one width whose operands are read in place share one inner loop and live in
 registers; a value is written to memory only where another loop, a GEMM or an output reads it, and then
@@ -368,6 +369,21 @@ class Plan:
                       and i not in self.state_out]
         self.widths = {i: n.width for i, n in enumerate(f)}
         self.has_dx_direct = any(kind == "dx" for kind, _, _ in backward.outputs)
+        self.mm_operand = [self._operand(f, i) for i in self.mm]
+        self.xw_matrix = [f[i].attr[0] for i in self.xw]
+        self.mm_matrix = [f[i].attr[0] for i in self.mm]
+
+    def _operand(self, f, i):
+        """Where the operand of per-step product i lives over all steps: ('state', k, first step) for
+        S[k][first:first + T], ('x',) or ('saved', q)."""
+        a = f[i].args[0].node
+        if f[a].op == "state":
+            return "state", f[a].attr[0], 0
+        if f[a].op == "x":
+            return ("x",)
+        if a in self.state_out:
+            return "state", self.state_out[a], 1
+        return "saved", self.saved.index(a)
 
 
 def render(forward, backward, n_states, hidden_size):
@@ -426,7 +442,7 @@ def render(forward, backward, n_states, hidden_size):
         bbody = bstep.emit()
         source += consts.lines(suffix)
         source.append(_forward_source(suffix, plan, f, fstep, fbody, n_states))
-        source.append(_backward_source(suffix, plan, f, backward, bstep, bbody, n_states, carried))
+        source.append(_backward_source(suffix, plan, f, bstep, bbody, n_states, carried))
     text = "\n".join(source).replace("\n".join(_DIMS_PLACEHOLDER), "\n".join(_dims_lines(len(dims.values))))
     return text, plan, list(dims.values)
 
@@ -437,11 +453,8 @@ def _dims_lines(ndims):
 
 def _forward_source(suffix, plan, f, step, body, n_states):
     L = [f"\n\n@njit(cache=True, {_FLAGS})", f"def forward_{suffix}(X, S, XW, SV, M, P, nbs, dims):",
-         "    T, B, F = X.shape", "    X2 = X.reshape((T * B, F))"]
+         "    T, B, F = X.shape"]
     L += _DIMS_PLACEHOLDER
-    for q, i in enumerate(plan.xw):
-        k = f[i].attr[0]
-        L.append(f"    np.dot(X2, M[{k}], XW[{q}].reshape((T * B, XW[{q}].shape[2])))")
     L += [f"    p{k} = P[{k}]" for k in range(_count(f, "param"))]
     L += [f"    {name} = np.empty((B, {step.D(w)}), X.dtype)" for name, w in step.scratch]
     L += ["    for t in range(T):", "        nb = nbs[t]", "        x_t = X[t]"]
@@ -460,25 +473,10 @@ def _count(nodes, op):
     return len({n.attr[0] for n in nodes if n.op == op})
 
 
-def _operand_rows(plan, f, i):
-    """The (T*B, K) rows of a per-step product's operand over all steps, as source."""
-    a = f[i].args[0].node
-    if f[a].op == "state":
-        k = f[a].attr[0]
-        return f"S[{k}][:T].reshape((T * B, S[{k}].shape[2]))"
-    if f[a].op == "x":
-        return "X2"
-    if a in plan.state_out:
-        k = plan.state_out[a]
-        return f"S[{k}][1:].reshape((T * B, S[{k}].shape[2]))"
-    q = plan.saved.index(a)
-    return f"SV[{q}].reshape((T * B, SV[{q}].shape[2]))"
-
-
-def _backward_source(suffix, plan, f, backward, step, body, n_states, carried):
+def _backward_source(suffix, plan, f, step, body, n_states, carried):
     L = [f"\n\n@njit(cache=True, {_FLAGS})",
-         f"def backward_{suffix}(X, S, XW, SV, M, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP, dM, dX):",
-         "    T, B, F = X.shape", "    X2 = X.reshape((T * B, F))"]
+         f"def backward_{suffix}(X, S, XW, SV, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP):",
+         "    T, B, F = X.shape"]
     L += _DIMS_PLACEHOLDER
     L += [f"    p{k} = P[{k}]" for k in range(_count(f, "param"))]
     L += [f"    dp{k} = dP[{k}]" for k in range(_count(f, "param"))]
@@ -497,25 +495,5 @@ def _backward_source(suffix, plan, f, backward, step, body, n_states, carried):
     L += [f"        cn{k}[:nb] = 0.0" for k in range(n_states) if k not in carried]
     L += ["        " + line for line in body]
     L += ["        C, Cn = Cn, C"]
-    # weight gradients and dX: one GEMM each over all steps
-    first = set()
-    for q, i in enumerate(plan.xw):
-        k = f[i].attr[0]
-        g = f"dXW[{q}].reshape((T * B, dXW[{q}].shape[2]))"
-        L.append(f"    np.dot(X2.T, {g}, dM[{k}])" if k not in first else f"    dM[{k}] += np.dot(X2.T, {g})")
-        first.add(k)
-    for q, i in enumerate(plan.mm):
-        k = f[i].attr[0]
-        g = f"DY[{q}].reshape((T * B, DY[{q}].shape[2]))"
-        a = _operand_rows(plan, f, i)
-        L.append(f"    np.dot({a}.T, {g}, dM[{k}])" if k not in first else f"    dM[{k}] += np.dot({a}.T, {g})")
-        first.add(k)
-    dx = "dX.reshape((T * B, F))"
-    for q, i in enumerate(plan.xw):
-        k = f[i].attr[0]
-        g = f"dXW[{q}].reshape((T * B, dXW[{q}].shape[2]))"
-        L.append(f"    np.dot({g}, MT[{k}], {dx})" if q == 0 else f"    {dx}[:] += np.dot({g}, MT[{k}])")
-    if plan.has_dx_direct:
-        L.append(f"    {dx}[:] += dXe.reshape((T * B, F))" if plan.xw else f"    {dx}[:] = dXe.reshape((T * B, F))")
     L.append("    return C")
     return "\n".join(L)

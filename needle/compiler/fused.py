@@ -116,6 +116,9 @@ class CompiledLayer(TensorTupleOp):
             nbs = np.full(T, B, dtype=np.int64)
         else:
             nbs = (self.lengths[None, :] > np.arange(T)[:, None]).sum(axis=1).astype(np.int64)
+        x2 = x.reshape(T * B, -1)
+        for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
+            np.dot(x2, M[c.plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
         forward, _ = c.kernels(dtype)
         forward(x, S, XW, SV, M, P, nbs, c.dims)
         self.saved = (x, S, XW, SV, M, P, nbs)
@@ -126,6 +129,16 @@ class CompiledLayer(TensorTupleOp):
             finals = [S[k][self.lengths, rows] for k in range(n)]
         device = X.device
         return (NDArray.from_xp(S[0][1:], device),) + tuple(NDArray.from_xp(f, device) for f in finals)
+
+    @staticmethod
+    def _operand(where, x2, S, SV, T):
+        """The (T*B, K) rows of a per-step product's operand over all steps."""
+        if where[0] == "x":
+            return x2
+        if where[0] == "state":
+            _, k, first = where
+            return S[k][first:first + T].reshape(x2.shape[0], -1)
+        return SV[where[1]].reshape(x2.shape[0], -1)
 
     def gradient(self, out_grad, node):
         c = self.compiled
@@ -143,12 +156,25 @@ class CompiledLayer(TensorTupleOp):
                    for q, i in enumerate(plan.mm))
         dXe = np.zeros((T, B, F), dtype) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
         dP = tuple(np.zeros_like(p) for p in P)
-        dM = tuple(np.zeros_like(m) for m in M)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
-        dX = np.zeros((T, B, F), dtype)
         _, backward = c.kernels(dtype)
-        dS0 = backward(x, S, XW, SV, M, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, dM, dX)
+        dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP)
         self.saved = None
+        # after the loop, every weight gradient and dX as one GEMM over all T*B rows
+        rows = T * B
+        dM = [None] * len(M)
+        x2 = x.reshape(rows, F)
+        products = [(x2, dXW[q], plan.xw_matrix[q]) for q in range(len(plan.xw))]
+        products += [(self._operand(where, x2, S, SV, T), DY[q], plan.mm_matrix[q])
+                     for q, where in enumerate(plan.mm_operand)]
+        for operand, grad, k in products:
+            g = operand.T @ grad.reshape(rows, -1)
+            dM[k] = g if dM[k] is None else dM[k] + g
+        dM = [np.zeros_like(m) if g is None else g for m, g in zip(M, dM)]
+        dX = dXe.reshape(rows, F) if plan.has_dx_direct else np.zeros((rows, F), dtype)
+        for q in range(len(plan.xw)):
+            dX += dXW[q].reshape(rows, -1) @ MT[plan.xw_matrix[q]]
+        dX = dX.reshape(T, B, F)
         device = node.inputs[0].device
-        out = [dX] + list(dS0) + list(dM) + list(dP)
+        out = [dX] + list(dS0) + dM + list(dP)
         return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)

@@ -624,8 +624,9 @@ class Recurrent(_Recurrent):
             if X.device.xp is not np:
                 from ..compiler.trace import Unsupported
                 raise Unsupported(f"a device without compiled kernels ({X.device!r})")
-            for layer, cell in enumerate(self.cells):
-                self._compiled_cell(cell, self.input_size if layer == 0 else self.hidden_size)
+            self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else
+                                                                 self.hidden_size)
+                                  for layer, cell in enumerate(self.cells)}
             return True
         except Exception as error:
             from ..compiler.trace import Unsupported
@@ -656,7 +657,7 @@ class Recurrent(_Recurrent):
 
     def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
         from ..compiler.fused import CompiledLayer
-        compiled = self._compiled_cell(cell, X.shape[2])
+        compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
         state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
         result = CompiledLayer(compiled, lengths)(X, *state, *compiled.parameters(cell)).tuple()
         return result[0], result[1:]

@@ -10,6 +10,9 @@ import functools
 import numpy as np
 
 from . import backend_ndarray as nd
+from .backend_ndarray.float_errors import QUIET as _FP_QUIET
+from .backend_ndarray.float_errors import STATE as _FP_STATE
+from .backend_ndarray.float_errors import quiet as _quiet_fp
 from .backend_ndarray.ndarray import _dtype_name
 
 __all__ = ["Value", "Tensor", "TensorTuple", "Op", "TensorOp", "TensorTupleOp", "no_grad",
@@ -115,7 +118,11 @@ class Value:
             if not isinstance(value, Value):
                 raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
         _check_same_device(op, inputs)
-        data = op.compute(*[value.realize_cached_data() for value in inputs])
+        token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
+        try:
+            data = op.compute(*[value.realize_cached_data() for value in inputs])
+        finally:
+            _FP_STATE.reset(token)
         value = cls.__new__(cls)
         if _GRAD_ENABLED and any(v.requires_grad for v in inputs):
             value._init(op, list(inputs), data, True)
@@ -328,7 +335,7 @@ def _topo_order(output):
 
 def compute_gradient_of_variables(output, out_grad):
     """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it."""
-    with no_grad():
+    with no_grad(), _quiet_fp():  # gradients may compute on NDArrays directly, outside any op
         grads = {id(output): out_grad}
         for node in reversed(_topo_order(output)):
             grad = grads.pop(id(node), None)

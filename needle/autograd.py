@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 
+from . import anomaly as _anomaly
 from . import backend_ndarray as nd
 from .backend_ndarray.float_errors import QUIET as _FP_QUIET
 from .backend_ndarray.float_errors import STATE as _FP_STATE
@@ -128,6 +129,8 @@ class Value:
             value._init(op, list(inputs), data, True)
         else:
             value._init(None, [], data, False)
+        if _anomaly.enabled:
+            _anomaly.check_forward(op, inputs, value)
         return value
 
     @classmethod
@@ -335,7 +338,8 @@ def _topo_order(output):
 
 def compute_gradient_of_variables(output, out_grad):
     """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it."""
-    with no_grad(), _quiet_fp():  # gradients may compute on NDArrays directly, outside any op
+    # gradients may compute on NDArrays directly, outside any op; under detect_anomaly each step is checked
+    with no_grad(), _quiet_fp(), _anomaly.backward_walk() as checking:
         grads = {id(output): out_grad}
         for node in reversed(_topo_order(output)):
             grad = grads.pop(id(node), None)
@@ -350,7 +354,10 @@ def compute_gradient_of_variables(output, out_grad):
             if isinstance(node.op, ops.TupleGetItem):  # one slot of its input tuple: no zeros made here
                 _add_tuple_slot(grads, node.inputs[0], node.op.index, grad)
                 continue
-            for value, value_grad in zip(node.inputs, node.op.gradient_as_tuple(grad, node)):
+            input_grads = node.op.gradient_as_tuple(grad, node)
+            if checking:
+                _anomaly.check_backward(node, input_grads)
+            for value, value_grad in zip(node.inputs, input_grads):
                 if value_grad is None or not value.requires_grad:
                     continue
                 key = id(value)

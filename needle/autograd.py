@@ -14,7 +14,7 @@ from . import backend_ndarray as nd
 from .backend_ndarray.float_errors import QUIET as _FP_QUIET
 from .backend_ndarray.float_errors import STATE as _FP_STATE
 from .backend_ndarray.float_errors import quiet as _quiet_fp
-from .backend_ndarray.ndarray import _dtype_name
+from .backend_ndarray.ndarray import _dtype_name, _numeric_numpy
 
 __all__ = ["Value", "Tensor", "TensorTuple", "Op", "TensorOp", "TensorTupleOp", "no_grad",
            "is_grad_enabled", "compute_gradient_of_variables"]
@@ -205,6 +205,8 @@ class Tensor(Value):
         else:
             if isinstance(array, nd.NDArray):
                 device = array.device if device is None else device
+            else:
+                array = _numeric_numpy(array, "Tensor")  # a TypeError names Tensor, not an internal function
             data = nd.NDArray(array, device=device, dtype=_dtype_name(dtype))
         self._init(None, [], data, requires_grad)
 

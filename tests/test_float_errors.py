@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import needle as ndl
-from needle.backend_ndarray import parallel_numpy
+from needle.backend_ndarray import float_errors, parallel_numpy
 
 
 def T(value, shape=(3, 4)):
@@ -92,3 +92,15 @@ def test_the_users_own_numpy_error_state_is_left_alone():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeWarning, match="overflow"):
             np.exp(np.full(3, 1e3, np.float32))
+
+
+def test_the_public_fallback_switches_the_same_way():
+    """numpy < 2 (or a numpy that renamed its context variable) gets np.seterr behind the same interface."""
+    state = float_errors._SeterrState()
+    before = np.geterr()
+    token = state.set({"all": "ignore"})
+    try:
+        assert set(np.geterr().values()) == {"ignore"}
+    finally:
+        state.reset(token)
+    assert np.geterr() == before

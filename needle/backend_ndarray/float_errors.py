@@ -1,12 +1,15 @@
 """NaN and infinity propagate silently through needle, as they do through PyTorch: numpy's floating-point
 warnings (overflow, invalid value, divide by zero) are switched off while needle computes, and only there.
 
-numpy keeps its error state in a context variable (numpy >= 2), so the cheapest switch is to set that
-variable to a prepared "ignore everything" value and reset it afterwards: about 0.1 us, against 1 us for
-`np.errstate`. `STATE.set(QUIET)` / `STATE.reset(token)` is that switch for the per-op path (autograd's
-`make_from_op`); `quiet()` wraps it as a context manager for the coarser places (a backward walk, an
-optimiser step). The user's own numpy code keeps its error state: nothing is changed globally.
-needle's worker threads (parallel_numpy.py) run no user code and switch the warnings off once, at start.
+numpy keeps its error state in a context variable (numpy >= 2: `_extobj_contextvar` in
+numpy._core._ufunc_config, a private name), so the cheapest switch is to set that variable to a prepared
+"ignore everything" value and reset it afterwards: about 0.1 us, against 1 us for `np.errstate`
+(benchmarks/bench_op_overhead.py). Where that name is missing, the switch falls back to the public np.seterr
+(slower, the same effect). `STATE.set(QUIET)` / `STATE.reset(token)` is the switch on the per-op path
+(autograd's `make_from_op`); `quiet()` wraps it as a context manager and decorator for the coarser places (a
+backward walk, an optimiser step). The user's own numpy code keeps its error state: nothing is changed
+globally. needle's worker threads (parallel_numpy.py) run no user code and switch the warnings off once, at
+start.
 """
 import functools
 

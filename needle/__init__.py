@@ -34,6 +34,7 @@ def _keep_freed_memory():
 _keep_freed_memory()
 
 from . import backend_ndarray, autograd, ops, init, nn, optim, data, testing
+from .anomaly import detect_anomaly, is_anomaly_enabled
 from .autograd import Tensor, TensorOp, TensorTuple, TensorTupleOp, is_grad_enabled, no_grad
 from .backend_ndarray import all_devices, cpu, cpu_numpy, cuda, default_device
 from .ops import (add, add_scalar, broadcast_to, dilate, divide, divide_scalar, exp, flip, log, logsoftmax,
@@ -44,7 +45,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend_ndarray", "autograd", "ops", "init", "nn", "optim", "data", "testing",
-    "Tensor", "TensorOp", "TensorTuple", "TensorTupleOp", "is_grad_enabled", "no_grad",
+    "Tensor", "TensorOp", "TensorTuple", "TensorTupleOp", "is_grad_enabled", "no_grad", "detect_anomaly",
+    "is_anomaly_enabled",
     "all_devices", "cpu", "cpu_numpy", "cuda", "default_device",
     "add", "add_scalar", "broadcast_to", "dilate", "divide", "divide_scalar", "exp", "flip", "log", "logsoftmax",
     "logsumexp", "make_tuple", "matmul", "mul_scalar", "multiply", "negate", "power", "power_scalar", "relu",

@@ -9,8 +9,12 @@ import functools
 
 import numpy as np
 
+from . import anomaly as _anomaly
 from . import backend_ndarray as nd
-from .backend_ndarray.ndarray import _dtype_name
+from .backend_ndarray.float_errors import QUIET as _FP_QUIET
+from .backend_ndarray.float_errors import STATE as _FP_STATE
+from .backend_ndarray.float_errors import quiet as _quiet_fp
+from .backend_ndarray.ndarray import _dtype_name, _numeric_numpy
 
 __all__ = ["Value", "Tensor", "TensorTuple", "Op", "TensorOp", "TensorTupleOp", "no_grad",
            "is_grad_enabled", "compute_gradient_of_variables"]
@@ -115,12 +119,18 @@ class Value:
             if not isinstance(value, Value):
                 raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
         _check_same_device(op, inputs)
-        data = op.compute(*[value.realize_cached_data() for value in inputs])
+        token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
+        try:
+            data = op.compute(*[value.realize_cached_data() for value in inputs])
+        finally:
+            _FP_STATE.reset(token)
         value = cls.__new__(cls)
         if _GRAD_ENABLED and any(v.requires_grad for v in inputs):
             value._init(op, list(inputs), data, True)
         else:
             value._init(None, [], data, False)
+        if _anomaly.enabled:
+            _anomaly.check_forward(op, inputs, value)
         return value
 
     @classmethod
@@ -195,6 +205,8 @@ class Tensor(Value):
         else:
             if isinstance(array, nd.NDArray):
                 device = array.device if device is None else device
+            else:
+                array = _numeric_numpy(array, "Tensor")  # a TypeError names Tensor, not an internal function
             data = nd.NDArray(array, device=device, dtype=_dtype_name(dtype))
         self._init(None, [], data, requires_grad)
 
@@ -328,7 +340,8 @@ def _topo_order(output):
 
 def compute_gradient_of_variables(output, out_grad):
     """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it."""
-    with no_grad():
+    # gradients may compute on NDArrays directly, outside any op; under detect_anomaly each step is checked
+    with no_grad(), _quiet_fp(), _anomaly.backward_walk() as checking:
         grads = {id(output): out_grad}
         for node in reversed(_topo_order(output)):
             grad = grads.pop(id(node), None)
@@ -343,7 +356,10 @@ def compute_gradient_of_variables(output, out_grad):
             if isinstance(node.op, ops.TupleGetItem):  # one slot of its input tuple: no zeros made here
                 _add_tuple_slot(grads, node.inputs[0], node.op.index, grad)
                 continue
-            for value, value_grad in zip(node.inputs, node.op.gradient_as_tuple(grad, node)):
+            input_grads = node.op.gradient_as_tuple(grad, node)
+            if checking:
+                _anomaly.check_backward(node, input_grads)
+            for value, value_grad in zip(node.inputs, input_grads):
                 if value_grad is None or not value.requires_grad:
                     continue
                 key = id(value)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .autograd import Tensor
 from .backend_ndarray import NDArray
+from .backend_ndarray.float_errors import quiet
 
 __all__ = ["init", "rank", "world_size", "is_main", "broadcast_parameters", "allreduce_sum",
            "DistributedOptimizer"]
@@ -151,6 +152,7 @@ class DistributedOptimizer:
         self._averaged = False
         init()
 
+    @quiet()  # a NaN or infinite gradient is averaged without numpy's warnings, as in the optimisers
     def _average_gradients(self):
         if self._averaged:
             return

@@ -1,8 +1,10 @@
-"""Optimisers. Updates work on the parameters' arrays directly, so they never grow the autograd graph."""
+"""Optimisers. Updates work on the parameters' arrays directly, so they never grow the autograd graph, and
+under float_errors.quiet(), so a NaN or infinite gradient reaches the weights without numpy's warnings."""
 import math
 
 from .autograd import Tensor
 from .backend_ndarray import NDArray
+from .backend_ndarray.float_errors import quiet
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
@@ -23,6 +25,7 @@ class Optimizer:
 
     zero_grad = reset_grad
 
+    @quiet()
     def clip_grad_norm(self, max_norm=0.25):
         """Rescale all gradients together so that their global L2 norm is at most max_norm; returns the
         norm before clipping."""
@@ -80,6 +83,7 @@ class SGD(Optimizer):
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.u = {}
 
+    @quiet()
     def step(self):
         for i, p in enumerate(self.params):
             if p.grad is None:
@@ -107,6 +111,7 @@ class Adam(Optimizer):
         self.t = {}  # steps per parameter: one without a gradient does not count (PyTorch's state["step"])
         self.m, self.v = {}, {}
 
+    @quiet()
     def step(self):
         b1, b2 = self.beta1, self.beta2
         for i, p in enumerate(self.params):

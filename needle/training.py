@@ -4,8 +4,7 @@ The corpus is a batchified id array (nbatch, bs); windows of `seq_len` rows are 
 recurrent state is carried from one window to the next, detached, so gradients stop at the window.
 """
 import contextlib
-
-import numpy as np
+import math
 
 from . import nn, optim
 from .autograd import no_grad
@@ -87,5 +86,8 @@ def evaluate_ptb(model, data, seq_len=40, loss_fn=nn.SoftmaxLoss, device=None, d
 
 
 def perplexity(loss):
-    """exp(average loss), capped so an untrained model does not overflow."""
-    return float(np.exp(min(loss, 700.0)))
+    """exp(average loss): inf where that overflows a float (a loss above about 709), NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

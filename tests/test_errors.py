@@ -159,7 +159,7 @@ def test_a_device_given_as_a_string(call):
 @pytest.mark.parametrize("data", ["abc", None, {"a": 1.0}, object(), [1.0, "x"], [[1.0], None], 1 + 2j],
                          ids=["str", "None", "dict", "object", "list with str", "list with None", "complex"])
 def test_non_numeric_data(data):
-    with pytest.raises(TypeError, match="numeric") as excinfo:
+    with pytest.raises(TypeError, match="^Tensor: data must be numeric") as excinfo:
         ndl.Tensor(data)
     assert_raised_in_needle(excinfo, "__init__")
     with pytest.raises(TypeError, match="numeric"):
@@ -180,3 +180,22 @@ def test_non_numeric_data(data):
 def test_wrong_types_to_ops(call, name):
     with pytest.raises(TypeError, match=rf"^{name}\b"):
         call(T(3))
+
+
+# Embedding indices: the first bad one, as a whole number, and its position
+
+
+@pytest.mark.parametrize("indices, message", [
+    ([[1, 2], [3, 12]], "Embedding: index 12 at position (1, 1) is outside [0, 10)"),
+    ([[1, 12], [-3, 40]], "Embedding: index 12 at position (0, 1) is outside [0, 10)"),
+    ([[0, -1]], "Embedding: index -1 at position (0, 1) is outside [0, 10)"),
+    ([[10.0]], "Embedding: index 10 at position (0, 0) is outside [0, 10)"),
+    ([[2, 1.5]], "Embedding: index 1.5 at position (0, 1) is not a whole number in [0, 10)"),
+    ([[2], [np.nan]], "Embedding: index nan at position (1, 0) is not a whole number in [0, 10)"),
+    ([[np.inf, 1]], "Embedding: index inf at position (0, 0) is not a whole number in [0, 10)"),
+])
+def test_embedding_indices_out_of_range(indices, message):
+    embedding = ndl.nn.Embedding(10, 3)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$") as excinfo:
+        embedding(ndl.Tensor(np.array(indices), requires_grad=False))
+    assert_raised_in_needle(excinfo, "forward")

@@ -3,8 +3,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,12 +18,13 @@ from needle.data import Corpus
 from needle.lm import Checkpoint, load_checkpoint, save_checkpoint
 from needle.lm.__main__ import main
 from needle.lm.checkpoint import named_parameters
+from needle.lm.commands import format_ppl
 from needle.lm.config import BUILTIN
 from needle.lm.corpus import build_vocab, read_splits
 from needle.lm.corpus_builtin import builtin_lines
 from needle.models import LanguageModel
 
-METRIC_KEYS = {"epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "seconds", "tokens_per_s"}
+METRIC_KEYS = {"epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "lr", "seconds", "tokens_per_s"}
 TINY = ["--embedding-size", "12", "--hidden-size", "16", "--seq-len", "8", "--batch-size", "4",
         "--lr", "0.01", "--dropout", "0.2", "--seed", "3"]
 
@@ -62,6 +65,11 @@ def _metrics(run):
         return json.load(f)
 
 
+def _epochs(run):
+    """metrics.json's rows of the epochs (without the last one, of the test split)."""
+    return [row for row in _metrics(run) if row["epoch"] != "test"]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return _write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -86,10 +94,10 @@ def test_help_runs_as_a_module():
 
 
 def test_train_writes_its_files_and_the_loss_falls(corpus, run):
-    for name in ("checkpoint.safetensors", "metrics.json", "perplexity.png"):
+    for name in ("checkpoint.safetensors", "best.safetensors", "metrics.json", "perplexity.png"):
         assert os.path.getsize(os.path.join(run, name)) > 0
     assert not [name for name in os.listdir(run) if name.endswith(".tmp")]
-    metrics = _metrics(run)
+    metrics = _epochs(run)
     assert [row["epoch"] for row in metrics] == [1, 2]
     for row in metrics:
         assert set(row) == METRIC_KEYS
@@ -125,7 +133,7 @@ def test_same_seed_gives_identical_numbers(corpus, run, tmp_path, capsys):
 
 def test_resume_ends_where_an_uninterrupted_run_ends(corpus, run, tmp_path, capsys):
     assert _cli(capsys, "train", "--data", corpus, "--out", tmp_path, "--epochs", "1", *TINY)[0] == 0
-    assert len(_metrics(tmp_path)) == 1
+    assert len(_epochs(tmp_path)) == 1
     status, out, err = _cli(capsys, "train", "--out", tmp_path, "--resume", "--epochs", "2")
     assert status == 0 and "resuming" in out and "warning" not in err
     resumed, whole = load_checkpoint(tmp_path), load_checkpoint(run)
@@ -138,9 +146,11 @@ def test_resume_ends_where_an_uninterrupted_run_ends(corpus, run, tmp_path, caps
         np.testing.assert_array_equal(resumed.optimizer_state[key], value)
     np.testing.assert_array_equal(resumed.rng_state[1], whole.rng_state[1])
     assert resumed.rng_state[2:] == whole.rng_state[2:]
-    for a, b in zip(_metrics(tmp_path), _metrics(run), strict=True):
-        for key in ("epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl"):
+    for a, b in zip(_epochs(tmp_path), _epochs(run), strict=True):
+        for key in ("epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "lr"):
             assert a[key] == b[key]
+    assert _metrics(tmp_path)[-1] == _metrics(run)[-1]  # the test split, once, last
+    assert [row["epoch"] for row in _metrics(tmp_path)].count("test") == 1
 
 
 def test_resume_keeps_the_checkpoint_configuration(run, tmp_path, capsys):
@@ -153,7 +163,7 @@ def test_resume_keeps_the_checkpoint_configuration(run, tmp_path, capsys):
     assert len(warnings) == 1 and "--lr 0.5" in warnings[0] and "hidden" not in warnings[0]
     checkpoint = load_checkpoint(out)
     assert checkpoint.epoch == 3 and checkpoint.config["lr"] == 0.01 and checkpoint.config["epochs"] == 3
-    assert [row["epoch"] for row in _metrics(out)] == [1, 2, 3]
+    assert [row["epoch"] for row in _metrics(out)] == [1, 2, 3, "test"]
     status, stdout, _ = _cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
     assert status == 0 and "nothing to train" in stdout and load_checkpoint(out).epoch == 3
 
@@ -163,7 +173,7 @@ def test_fresh_run_replaces_a_checkpoint(corpus, run, tmp_path, capsys):
     shutil.copytree(run, out)
     status, _, err = _cli(capsys, "train", "--data", corpus, "--out", out, "--epochs", "1", *TINY)
     assert status == 0 and "replaces" in err
-    assert load_checkpoint(out).epoch == 1 and len(_metrics(out)) == 1
+    assert load_checkpoint(out).epoch == 1 and len(_epochs(out)) == 1
 
 
 def test_zero_epochs_saves_the_initial_model(corpus, tmp_path, capsys):
@@ -204,7 +214,7 @@ def test_evaluate_prints_the_perplexity(run, capsys):
     result = json.loads(out)
     assert set(result) == {"loss", "perplexity", "accuracy", "tokens"}
     # the same split, batch size and weights as the last epoch's validation
-    assert result["loss"] == pytest.approx(_metrics(run)[-1]["valid_loss"], rel=1e-12)
+    assert result["loss"] == pytest.approx(_epochs(run)[-1]["valid_loss"], rel=1e-12)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert 0 <= result["accuracy"] <= 1 and isinstance(result["tokens"], int) and result["tokens"] > 0
 
@@ -334,6 +344,9 @@ BAD_TRAIN = [
     (["--clip", "-1"], "--clip must be"),
     (["--max-lines", "0"], "--max-lines must be"),
     (["--seed", "-1"], "--seed must be"),
+    (["--anneal", "0.5"], "--anneal must be a number of at least 1 (1: keep the learning rate), got 0.5"),
+    (["--anneal", "inf"], "--anneal must be"),
+    (["--patience", "-1"], "--patience must be a whole number of at least 0 (0: never stop early), got -1"),
     (["--tie-weights"], "--tie-weights needs --embedding-size equal to --hidden-size, got 12 and 16"),
     (["--batch-size", "5000"], "the train split is too short"),
 ]
@@ -436,7 +449,7 @@ def test_short_training_run_on_the_builtin_corpus(tmp_path, capsys):
     assert status == 0 and "epoch   1/1" in out
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint.config["data"] == BUILTIN and checkpoint.config["max_lines"] == 40
-    assert len(_metrics(tmp_path)) == 1
+    assert len(_epochs(tmp_path)) == 1
     status, out, _ = _cli(capsys, "evaluate", tmp_path, "--json")
     assert status == 0 and json.loads(out)["tokens"] > 0
     status, out, _ = _cli(capsys, "generate", tmp_path, "--prompt", "The", "--tokens", "4", "--seed", "0")
@@ -475,7 +488,6 @@ def test_first_nonfinite_names_the_earliest_step_and_layer():
     assert first_nonfinite(flow) == {"step": 1, "layer": 0}
 
 
-@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_exploding_gradients_are_reported(corpus, tmp_path, capsys):
     """A huge learning rate drives the weights to inf; the run names where dL/dh_t first went bad."""
     out = tmp_path / "boom"
@@ -487,3 +499,223 @@ def test_exploding_gradients_are_reported(corpus, tmp_path, capsys):
     bad = [r for r in rows if r["first_nonfinite"] is not None]
     assert bad, rows
     assert "turned NaN or infinite first at step" in err
+
+
+# ---- long runs: best.safetensors, --anneal, --patience, the test split, divergence ------------------------
+
+# SGD at a high rate on the tiny corpus: the valid loss falls, rises, falls again and rises at the end
+BOUNCY = ["--embedding-size", "12", "--hidden-size", "16", "--seq-len", "8", "--batch-size", "4",
+          "--optimizer", "sgd", "--lr", "20", "--dropout", "0.3", "--seed", "3"]
+TIMINGS = ("seconds", "tokens_per_s")
+
+
+def _child(*argv, timeout=120):
+    """(exit status, stdout, stderr) of `python -m needle.lm ...` in a child process (PYTHONPATH inherited)."""
+    result = subprocess.run([sys.executable, "-m", "needle.lm", *map(str, argv)], capture_output=True,
+                            text=True, timeout=timeout)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _error_line(err):
+    """The one `needle-lm: error:` line of stderr (tqdm's bars end in carriage returns, not newlines)."""
+    lines = [line.rpartition("\r")[2] for line in err.split("\n") if "needle-lm: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _untimed(rows):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def _strict_json(path):
+    """metrics.json read as standard JSON: NaN and Infinity are not JSON."""
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"{name} in {path}"))
+
+
+def _all_finite(checkpoint):
+    return all(np.isfinite(w).all() for w in checkpoint.weights.values())
+
+
+@pytest.fixture(scope="module")
+def bouncy(corpus, tmp_path_factory):
+    """Six epochs whose valid loss does not always improve: (output directory, stdout)."""
+    out = tmp_path_factory.mktemp("bouncy")
+    status, stdout, err = _child("train", "--data", corpus, "--out", out, "--epochs", "6", *BOUNCY)
+    assert status == 0, err
+    return str(out), stdout
+
+
+def test_best_checkpoint_and_the_learning_rate_follow_the_valid_loss(bouncy):
+    out, stdout = bouncy
+    rows = _epochs(out)
+    valid = [row["valid_loss"] for row in rows]
+    best_epoch = 1 + valid.index(min(valid))
+    assert best_epoch < len(rows) == 6, "the run should end on an epoch that is not the best"
+    best, last = load_checkpoint(os.path.join(out, "best.safetensors")), load_checkpoint(out)
+    assert best.epoch == best_epoch and best.metrics == rows[:best_epoch]
+    assert last.epoch == 6 and last.metrics == rows
+    assert any((best.weights[k] != last.weights[k]).any() for k in best.weights)
+    lr = 20.0  # divided by --anneal (4) after every epoch whose valid loss is not below all before it
+    for i, row in enumerate(rows):
+        assert row["lr"] == lr, (i, [r["lr"] for r in rows], valid)
+        if i and valid[i] >= min(valid[:i]):
+            lr /= 4
+    assert lr < 20 and last.lr == lr and best.lr == rows[best_epoch - 1]["lr"]
+    verdicts = [line.rpartition("| ")[2] for line in stdout.splitlines() if line.startswith("epoch")]
+    assert verdicts.count("best so far") == sum(1 for i, v in enumerate(valid) if not i or v < min(valid[:i]))
+    assert any(v.startswith("lr -> ") for v in verdicts)
+
+
+def test_evaluate_and_generate_on_a_directory_use_best_safetensors(bouncy, capsys):
+    out, _ = bouncy
+    rows = _epochs(out)
+    best = min(rows, key=lambda row: row["valid_loss"])
+    status, stdout, _ = _cli(capsys, "evaluate", out, "--split", "valid", "--json")
+    assert status == 0 and json.loads(stdout)["loss"] == pytest.approx(best["valid_loss"], rel=1e-12)
+    status, stdout, _ = _cli(capsys, "evaluate", os.path.join(out, "checkpoint.safetensors"), "--split", "valid",
+                             "--json")
+    assert json.loads(stdout)["loss"] == pytest.approx(rows[-1]["valid_loss"], rel=1e-12)
+    args = ["--tokens", "8", "--seed", "4"]
+    assert _cli(capsys, "generate", out, *args)[1] == \
+        _cli(capsys, "generate", os.path.join(out, "best.safetensors"), *args)[1]
+
+
+def test_the_best_weights_are_evaluated_on_the_test_split_at_the_end(bouncy, capsys):
+    out, stdout = bouncy
+    metrics = _metrics(out)
+    test = metrics[-1]
+    assert set(test) == {"epoch", "test_loss", "test_ppl"} and test["epoch"] == "test"
+    assert [row["epoch"] for row in metrics].count("test") == 1
+    assert test["test_ppl"] == pytest.approx(math.exp(test["test_loss"]))
+    status, evaluated, _ = _cli(capsys, "evaluate", out, "--split", "test", "--json")
+    assert status == 0 and json.loads(evaluated)["loss"] == test["test_loss"]  # exactly what evaluate gives
+    best_epoch = load_checkpoint(os.path.join(out, "best.safetensors")).epoch
+    line = stdout.splitlines()[-1]
+    assert line.startswith(f"test loss {test['test_loss']:.3f} ppl ") and f"epoch {best_epoch}" in line
+
+
+def test_resume_with_an_annealed_rate_ends_where_an_uninterrupted_run_ends(bouncy, corpus, tmp_path):
+    out, _ = bouncy
+    status, _, err = _child("train", "--data", corpus, "--out", tmp_path, "--epochs", "3", *BOUNCY)
+    assert status == 0, err
+    assert load_checkpoint(tmp_path).lr < 20 or _epochs(tmp_path)[-1]["lr"] < 20, "no annealing before the resume"
+    status, stdout, err = _child("train", "--out", tmp_path, "--resume", "--epochs", "6")
+    assert status == 0 and "resuming" in stdout, err
+    assert _untimed(_metrics(tmp_path)) == _untimed(_metrics(out))  # losses, rates and the test, exactly
+    for name in ("checkpoint.safetensors", "best.safetensors"):
+        resumed, whole = load_checkpoint(tmp_path / name), load_checkpoint(os.path.join(out, name))
+        assert (resumed.epoch, resumed.lr) == (whole.epoch, whole.lr)
+        for key in whole.weights:
+            np.testing.assert_array_equal(resumed.weights[key], whole.weights[key])
+
+
+def test_patience_stops_after_epochs_without_improvement(bouncy, corpus, tmp_path, capsys):
+    out, _ = bouncy
+    valid = [row["valid_loss"] for row in _epochs(out)]
+    first_worse = next(i for i in range(1, len(valid)) if valid[i] >= min(valid[:i])) + 1
+    status, stdout, err = _child("train", "--data", corpus, "--out", tmp_path, "--epochs", "6", "--patience", "1",
+                                 *BOUNCY)
+    assert status == 0, err
+    assert f"(--patience 1): stopping after epoch {first_worse}" in stdout
+    assert _untimed(_epochs(tmp_path)) == _untimed(_epochs(out))[:first_worse]
+    assert _metrics(tmp_path)[-1]["epoch"] == "test" and load_checkpoint(tmp_path).epoch == first_worse
+    # resuming a run that ran out of patience trains nothing more
+    status, stdout, _ = _cli(capsys, "train", "--out", tmp_path, "--resume", "--epochs", "6")
+    assert status == 0 and "stopping after epoch" in stdout and load_checkpoint(tmp_path).epoch == first_worse
+
+
+def test_a_nan_loss_stops_the_run_with_status_3(corpus, tmp_path):
+    status, stdout, err = _child("train", "--data", corpus, "--out", tmp_path, "--epochs", "3", "--lr", "1e38",
+                                 "--clip", "0", "--grad-flow", *TINY[:8])
+    assert status == 3
+    line = _error_line(err)
+    assert line.startswith("needle-lm: error: training diverged at epoch 1, batch ") and " of " in line
+    assert "the training loss is NaN" in line and "--lr (this run: 1e+38)" in line and "--clip" in line
+    assert "keeps epoch 0" in line and "epoch   1/3" not in stdout
+    checkpoint = load_checkpoint(tmp_path)  # the initial weights: the last finite epoch
+    assert checkpoint.epoch == 0 and _all_finite(checkpoint)
+    assert not os.path.exists(tmp_path / "best.safetensors") and _strict_json(tmp_path / "metrics.json") == []
+    assert [row["epoch"] for row in _strict_json(tmp_path / "grad_flow.json")] == [1]  # its first batch
+
+
+def test_divergence_in_a_later_epoch_keeps_both_files_at_the_last_finite_one(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = _metrics(out)
+
+    def blow_up(tensors, meta):  # the next epoch trains at an absurd rate, unclipped
+        meta["lr"], meta["config"]["clip"] = 1e38, 0
+    _rewrite(out / "checkpoint.safetensors", out / "checkpoint.safetensors", blow_up)
+    status, _, err = _child("train", "--out", out, "--resume", "--epochs", "4")
+    assert status == 3
+    line = _error_line(err)
+    assert "training diverged at epoch 3, batch " in line and "keeps epoch 2" in line
+    assert "(this run: 1e+38)" in line and "a --clip such as 0.25" in line
+    for name in ("checkpoint.safetensors", "best.safetensors"):
+        checkpoint = load_checkpoint(out / name)
+        assert checkpoint.epoch == 2 and _all_finite(checkpoint)
+    assert _strict_json(out / "metrics.json") == before
+
+
+def test_detect_anomaly_names_the_op_and_exits_3(corpus, tmp_path):
+    status, _, err = _child("train", "--data", corpus, "--out", tmp_path, "--epochs", "1", "--lr", "1e38",
+                            "--clip", "0", "--detect-anomaly", *TINY[:8])
+    assert status == 3
+    line = _error_line(err)
+    assert "training diverged at epoch 1, batch " in line
+    assert "LSTM produced NaN in its forward (called at needle/nn/nn_sequence.py:" in line, line
+    assert load_checkpoint(tmp_path).epoch == 0
+
+
+def test_huge_losses_print_inf_perplexities_and_write_null(corpus, tmp_path, capsys):
+    status, stdout, err = _cli(capsys, "train", "--data", corpus, "--out", tmp_path, "--epochs", "2", "--lr", "1e9",
+                               "--clip", "0", *TINY[:8])
+    assert status == 0, err
+    lines = [line for line in stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "ppl      inf" in lines[0]
+    rows = _strict_json(tmp_path / "metrics.json")
+    assert rows[0]["train_loss"] > 1e6 and rows[0]["train_ppl"] is None and rows[-1]["epoch"] == "test"
+    assert load_checkpoint(tmp_path).metrics == rows[:-1]
+
+
+def test_perplexities_of_a_million_and_above_print_in_scientific_notation():
+    assert format_ppl(12.3456) == "12.35" and format_ppl(999_999.0) == "999999.00"
+    assert format_ppl(1.23e15) == "1.2e+15" and format_ppl(1e6) == "1.0e+06"
+    assert format_ppl(math.inf) == "inf" and format_ppl(math.nan) == "nan"
+    from needle.training import perplexity
+    assert perplexity(2.0) == math.exp(2.0) and perplexity(1e4) == math.inf and math.isnan(perplexity(math.nan))
+
+
+def test_a_kill_9_never_leaves_a_corrupt_file(corpus, tmp_path, capsys):
+    """Killed right after an epoch's line (while its files are being written) or later in the next epoch."""
+    for delay in (0.0, 0.15):
+        out = tmp_path / f"killed{delay}"
+        child = subprocess.Popen([sys.executable, "-m", "needle.lm", "train", "--data", corpus, "--out", str(out),
+                                  "--epochs", "4", *BOUNCY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True)
+        try:
+            for line in child.stdout:
+                if line.startswith("epoch   2/4"):
+                    break
+            time.sleep(delay)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=60)
+        checkpoint = load_checkpoint(out)
+        assert 1 <= checkpoint.epoch <= 4
+        assert load_checkpoint(out / "best.safetensors").epoch <= checkpoint.epoch + 1
+        assert len(_epochs(out)) in (checkpoint.epoch - 1, checkpoint.epoch)
+        status, _, err = _cli(capsys, "train", "--out", out, "--resume", "--epochs", "4")
+        assert status == 0, err
+
+
+def test_a_fresh_run_removes_an_earlier_best(run, corpus, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    assert (out / "best.safetensors").exists()
+    assert _cli(capsys, "train", "--data", corpus, "--out", out, "--epochs", "0", *TINY)[0] == 0
+    assert not (out / "best.safetensors").exists() and load_checkpoint(out).epoch == 0
+    status, stdout, _ = _cli(capsys, "evaluate", out, "--json")  # the checkpoint, now that there is no best
+    assert status == 0 and json.loads(stdout)["loss"] > 2

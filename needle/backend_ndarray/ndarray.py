@@ -11,6 +11,7 @@ import operator
 import numpy as np
 
 from . import backend_numpy
+from .float_errors import quiet
 
 __all__ = ["BackendDevice", "NDArray", "array", "empty", "full", "cpu", "cpu_numpy", "cuda",
            "default_device", "all_devices"]
@@ -166,7 +167,11 @@ class NDArray:
             dtype = other.dtype if dtype is None else dtype
             other = other.numpy()
         device = _check_device(device)
-        arr = _numeric_numpy(other, "array").astype(_DTYPES[_dtype_name(dtype)], copy=False)
+        arr = _numeric_numpy(other, "array")
+        target = _DTYPES[_dtype_name(dtype)]
+        if arr.dtype != target:
+            with quiet():  # 1e300 becomes inf in float32 silently, as in PyTorch
+                arr = arr.astype(target)
         self._init(arr.shape, _compact_strides(arr.shape), 0, device, device.mod.from_numpy(arr))
 
     def _init(self, shape, strides, offset, device, handle):

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from .float_errors import quiet_this_thread
+
 __all__ = ["num_threads", "for_rows", "ewise", "unary", "reduce", "run_phased"]
 
 _MIN_ELEMENTS = 1 << 17
@@ -47,14 +49,15 @@ def num_threads():
     return _state["threads"]
 
 
-def _mark_worker():
+def _start_worker():
     _local.worker = True
+    quiet_this_thread()  # a needle thread: NaN and inf pass without numpy's warnings, as on the caller's
 
 
 def _pool():
     if _state["pool"] is None:
         _state["pool"] = ThreadPoolExecutor(num_threads() - 1, thread_name_prefix="needle",
-                                            initializer=_mark_worker)
+                                            initializer=_start_worker)
     return _state["pool"]
 
 

@@ -3,12 +3,14 @@
 Tensors: `weight.<attribute path>` for every parameter (float32, in `parameters()` order), `optimizer.<key>`
 for the arrays of `optimizer.state_dict()`, and `rng.keys` (numpy's MT19937 key, as int64). The header's
 metadata (string -> string) holds `needle-lm`, a JSON object with the format tag, the config, the
-vocabulary (idx2word), the epoch, the metrics so far, the weight order, the optimiser's numbers and the
-rest of numpy's RNG state. It is one entry because safetensors writes its metadata map in no fixed order:
-one entry keeps the file's bytes a function of its content. Anything that does not read back as exactly
-that is rejected as corrupt or foreign with a CLIError.
+vocabulary (idx2word), the epoch, the metrics so far, the learning rate the next epoch trains with, the
+weight order, the optimiser's numbers and the rest of numpy's RNG state. It is one entry because
+safetensors writes its metadata map in no fixed order: one entry keeps the file's bytes a function of its
+content. Anything that does not read back as exactly that is rejected as corrupt or foreign with a CLIError.
+best.safetensors, the run at its best valid loss so far, has the same format.
 """
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -24,18 +26,22 @@ from .corpus_builtin import EOS, UNK
 from .errors import CLIError
 from .files import atomic_write
 
-__all__ = ["FILENAME", "FORMAT", "Checkpoint", "checkpoint_file", "named_parameters", "save_checkpoint",
-           "load_checkpoint", "load_weights", "load_optimizer_state"]
+__all__ = ["FILENAME", "BEST", "FORMAT", "Checkpoint", "checkpoint_file", "model_file", "named_parameters",
+           "save_checkpoint", "checkpoint_bytes", "load_checkpoint", "load_weights", "load_optimizer_state"]
 
 FILENAME = "checkpoint.safetensors"
+BEST = "best.safetensors"  # the epoch with the best valid loss so far, in the same format
 FORMAT = "needle-lm/1"
 _META = "needle-lm"
+# options added after FORMAT was fixed, with the values that reproduce a run made before they existed
+_LATER_OPTIONS = {"anneal": 1.0, "patience": 0}
 
 
 @dataclass
 class Checkpoint:
     """A run after `epoch` epochs. `weights` maps attribute paths to float32 arrays in parameters() order;
-    `optimizer_state` is optimizer.state_dict(); `rng_state` is np.random.get_state()."""
+    `optimizer_state` is optimizer.state_dict(); `rng_state` is np.random.get_state(); `lr` is the learning
+    rate the next epoch trains with (None: the config's)."""
 
     config: dict
     vocab: list
@@ -44,19 +50,29 @@ class Checkpoint:
     weights: dict
     optimizer_state: dict
     rng_state: tuple
+    lr: float = None
 
     @classmethod
-    def capture(cls, model, optimizer, config, vocab, epoch, metrics):
+    def capture(cls, model, optimizer, config, vocab, epoch, metrics, lr=None):
         """The run as it stands now, numpy's global RNG included."""
         weights = {name: p.numpy() for name, p in named_parameters(model)}
         return cls(dict(config), list(vocab), epoch, [dict(row) for row in metrics], weights,
-                   dict(optimizer.state_dict()), np.random.get_state())
+                   dict(optimizer.state_dict()), np.random.get_state(), lr)
 
 
 def checkpoint_file(path):
     """CHECKPOINT names the file or the directory holding it."""
     path = os.fspath(path)
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
+
+
+def model_file(path):
+    """The weights `evaluate` and `generate` use: a file as given; in a directory its best.safetensors when
+    there is one, else its checkpoint.safetensors."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)):
+        return os.path.join(path, BEST)
+    return checkpoint_file(path)
 
 
 def named_parameters(module):
@@ -84,6 +100,12 @@ def named_parameters(module):
 
 def save_checkpoint(path, checkpoint):
     """Write `checkpoint` to `path` atomically (temporary file, fsync, rename)."""
+    data = checkpoint_bytes(checkpoint)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def checkpoint_bytes(checkpoint):
+    """The file's bytes: a function of the checkpoint's content."""
     tensors = {f"weight.{name}": np.ascontiguousarray(a, dtype=np.float32) for name, a in checkpoint.weights.items()}
     numbers_ = {}
     for key, value in checkpoint.optimizer_state.items():
@@ -102,9 +124,9 @@ def save_checkpoint(path, checkpoint):
         "weights": list(checkpoint.weights),
         "optimizer_numbers": numbers_,
         "rng": [kind, int(pos), int(has_gauss), float(cached_gaussian)],
+        "lr": None if checkpoint.lr is None else float(checkpoint.lr),
     }
-    data = _save_tensors(tensors, metadata={_META: json.dumps(meta)})
-    atomic_write(path, lambda f: f.write(data))
+    return _save_tensors(tensors, metadata={_META: json.dumps(meta)})
 
 
 class _Foreign(Exception):
@@ -162,6 +184,8 @@ def _get(meta, key, kind):
 
 def _build(meta, tensors):
     config = _get(meta, "config", dict)
+    for key, value in _LATER_OPTIONS.items():
+        config.setdefault(key, value)
     try:
         validate_config(config)
     except CLIError as e:
@@ -176,6 +200,9 @@ def _build(meta, tensors):
     names = _get(meta, "weights", list)
     numbers_ = _get(meta, "optimizer_numbers", dict)
     rng = _get(meta, "rng", list)
+    lr = meta.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < math.inf):
+        raise _Foreign(f"the learning rate must be a number of at least 0, got {lr!r}")
 
     expected = {f"weight.{name}" for name in names} | {"rng.keys"}
     unexpected = [k for k in tensors if k not in expected and not k.startswith("optimizer.")]
@@ -199,7 +226,8 @@ def _build(meta, tensors):
             or not isinstance(rng[3], (int, float))):
         raise _Foreign("unreadable random state")
     rng_state = ("MT19937", keys.astype(np.uint32), rng[1], rng[2], float(rng[3]))
-    return Checkpoint(config, vocab, epoch, metrics, weights, optimizer_state, rng_state)
+    return Checkpoint(config, vocab, epoch, metrics, weights, optimizer_state, rng_state,
+                      None if lr is None else float(lr))
 
 
 def load_weights(model, weights, source):

@@ -34,6 +34,8 @@ DEFAULTS = {
     "max_lines": None,
     "seed": 0,
     "device": "cpu",
+    "anneal": 4.0,   # the learning rate is divided by this after an epoch without a better valid loss
+    "patience": 0,   # stop after this many such epochs in a row (0: never)
 }
 
 _AT_LEAST_ONE = ("embedding_size", "hidden_size", "layers", "seq_len", "batch_size")
@@ -73,6 +75,12 @@ def validate_config(config):
         raise CLIError(f"--lr must be a number above 0, got {config['lr']!r}")
     if not _is_real(config["clip"]) or not (config["clip"] >= 0 and math.isfinite(config["clip"])):
         raise CLIError(f"--clip must be a number of at least 0 (0: no clipping), got {config['clip']!r}")
+    if not _is_real(config["anneal"]) or not (config["anneal"] >= 1 and math.isfinite(config["anneal"])):
+        raise CLIError(f"--anneal must be a number of at least 1 (1: keep the learning rate), got "
+                       f"{config['anneal']!r}")
+    if not _is_int(config["patience"]) or config["patience"] < 0:
+        raise CLIError(f"--patience must be a whole number of at least 0 (0: never stop early), got "
+                       f"{config['patience']!r}")
     if not _is_real(config["dropout"]) or not 0 <= config["dropout"] < 1:
         raise CLIError(f"--dropout must lie in [0, 1), got {config['dropout']!r}")
     if not isinstance(config["tie_weights"], bool):

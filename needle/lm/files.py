@@ -1,12 +1,14 @@
 """Atomic file writes: a temporary file in the target's directory, flushed and fsynced, then renamed over it.
 
-A crash leaves either the old file or the new one, never a torn one.
+A crash leaves either the old file or the new one, never a torn one. JSON is written as the standard has it:
+a NaN or infinite number becomes null.
 """
 import json
+import math
 import os
 import tempfile
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "write_json", "json_safe"]
 
 
 def atomic_write(path, write):
@@ -45,6 +47,17 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
 def write_json(path, obj):
-    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    data = (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data))

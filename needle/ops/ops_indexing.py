@@ -44,12 +44,22 @@ def gather_rows(table, indices, who="gather_rows"):
     raw = indices.numpy() if isinstance(indices, NDArray) else np.asarray(indices)
     if raw.dtype.kind not in "biuf":
         raise TypeError(f"{who}: indices must be numeric, got dtype {raw.dtype}")
-    idx = raw.astype(np.int64)
     n = table.shape[0]
-    if idx.size and (idx.min() < 0 or idx.max() >= n or (idx != raw).any()):
-        raise ValueError(f"{who}: indices must be whole numbers in [0, {n}), got values from {raw.min()} "
-                         f"to {raw.max()}")
-    return Gather(table.device.xp.asarray(idx))(table)
+    if raw.size and (raw.min() < 0 or raw.max() >= n or raw.dtype.kind == "f" and (raw != np.floor(raw)).any()):
+        _raise_bad_index(who, raw, n)
+    return Gather(table.device.xp.asarray(raw.astype(np.int64)))(table)
+
+
+def _raise_bad_index(who, raw, n):
+    """ValueError naming the first index (in row-major order) that is not a whole number in [0, n)."""
+    with np.errstate(invalid="ignore"):  # NaN compares False everywhere: it is caught by `whole`
+        whole = np.isfinite(raw) & (raw == np.floor(raw)) if raw.dtype.kind == "f" else np.ones(raw.shape, bool)
+        bad = ~whole | (raw < 0) | (raw >= n)
+    position = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = raw[position]
+    if whole[position]:
+        raise ValueError(f"{who}: index {int(value)} at position {position} is outside [0, {n})")
+    raise ValueError(f"{who}: index {float(value):g} at position {position} is not a whole number in [0, {n})")
 
 
 class Reorder(TensorOp):

@@ -71,10 +71,13 @@ def variant_options(variant, workload):
     return variant == "bi", lengths
 
 
-def needle_step(kind, workload, fused, variant="uni"):
+def needle_step(kind, workload, fused, variant="uni", compiled=False):
     seq_len, batch, input_size, hidden, layers = workload
     bidirectional, lengths = variant_options(variant, workload)
     model = NEEDLE[kind](input_size, hidden, num_layers=layers, fused=fused, bidirectional=bidirectional)
+    if compiled:  # the same cells through the cell compiler (nn.Recurrent)
+        cells = list(getattr(model, model.cells_name))
+        model = ndl.nn.Recurrent(lambda n: cells.pop(0), input_size, layers, fused=True)
     X = ndl.Tensor(np.random.randn(seq_len, batch, input_size).astype(np.float32), requires_grad=True)
 
     def step():
@@ -123,6 +126,8 @@ def main():
     parser.add_argument("--reference", action="store_true", help="also time needle's per-step reference path")
     parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timed steps")
     parser.add_argument("--variants", nargs="+", default=["uni"], choices=["uni", "bi", "len"])
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the same cells compiled by needle.compiler (nn.Recurrent; uni and len)")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -138,6 +143,8 @@ def main():
               f"{'GFLOP/s':>8} {'% peak':>7}")
     if args.reference:
         header += f" {'reference ms':>13}"
+    if args.compiled:
+        header += f" {'compiled ms':>12} {'compiled/torch':>14}"
     if set(args.variants) - {"uni"}:
         header += f" {'vs uni':>7}"
     print(header)
@@ -148,6 +155,9 @@ def main():
                 steps = [needle_step(kind, workload, True, variant), torch_step(kind, workload, variant)]
                 if args.reference:
                     steps.append(needle_step(kind, workload, False, variant))
+                compiled = args.compiled and variant != "bi"
+                if compiled:
+                    steps.append(needle_step(kind, workload, True, variant, compiled=True))
                 if variant != "uni":  # its own unidirectional, full-length step, interleaved with it
                     steps.append(needle_step(kind, workload, True, "uni"))
                 times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
@@ -158,6 +168,9 @@ def main():
                         f"{times[0] / times[1]:6.2f} {gflops:8.1f} {100 * gflops / peak:6.0f}%")
                 if args.reference:
                     line += f" {times[2]:13.2f}"
+                if compiled:
+                    at = 3 if args.reference else 2
+                    line += f" {times[at]:12.2f} {times[at] / times[1]:14.2f}"
                 if variant != "uni":
                     line += f" {times[0] / uni_ms:7.2f}"
                 print(line, flush=True)

@@ -2,8 +2,8 @@
 
 Each kernel runs the time loop of a whole sequence, forward from the first step or backward from the last.
 The GEMMs over all T*B rows (the hoisted input products before the loop, every weight gradient and dX after
-it) are not in the kernels: the runtime (fused.py) calls numpy for them, whose OpenBLAS ran those shapes up
-to twice as fast as the one Numba's np.dot calls (scipy's). The per-step GEMMs stay inside, as np.dot. Inside a step the graph is cut at its
+it) are not in the kernels: the runtime (fused.py) calls numpy for them. The per-step GEMMs stay inside and
+call numpy's BLAS too, through `gemm`, a CBLAS function pointer (blas.py), not Numba's np.dot. Inside a step the graph is cut at its
 GEMMs into segments; a segment is one pass over the batch rows that runs, per row, a few inner loops over
 features. Elementwise nodes of one width whose operands are read in place share one inner loop and live in
 registers; a value is written to memory only where another loop, a GEMM or an output reads it, and then
@@ -338,8 +338,10 @@ class _Step:
                 if n.op in GEMM_OPS:
                     a = n.args[0]
                     src = self.locate(a.node)[0] if self.nodes[a.node].op in INPUT_OPS else self.storage[a.node][0]
-                    dst = self.storage[i][0]
-                    body.append(f"np.dot({src}[:nb], {self.gemm_matrix(n)}, {dst}[:nb])")
+                    dst, m = self.storage[i][0], self.gemm_matrix(n)
+                    body.append(f"gemm(101, 111, 111, nb, {m}.shape[1], {src}.shape[1], {self.K(1.0)}, "
+                                f"{src}.ctypes.data, {src}.shape[1], {m}.ctypes.data, {m}.shape[1], "
+                                f"{self.K(0.0)}, {dst}.ctypes.data, {dst}.shape[1])")
         return body
 
 
@@ -452,7 +454,7 @@ def _dims_lines(ndims):
 
 
 def _forward_source(suffix, plan, f, step, body, n_states):
-    L = [f"\n\n@njit(cache=True, {_FLAGS})", f"def forward_{suffix}(X, S, XW, SV, M, P, nbs, dims):",
+    L = [f"\n\n@njit(cache=True, {_FLAGS})", f"def forward_{suffix}(X, S, XW, SV, M, P, nbs, dims, gemm):",
          "    T, B, F = X.shape"]
     L += _DIMS_PLACEHOLDER
     L += [f"    p{k} = P[{k}]" for k in range(_count(f, "param"))]
@@ -475,7 +477,7 @@ def _count(nodes, op):
 
 def _backward_source(suffix, plan, f, step, body, n_states, carried):
     L = [f"\n\n@njit(cache=True, {_FLAGS})",
-         f"def backward_{suffix}(X, S, XW, SV, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP):",
+         f"def backward_{suffix}(X, S, XW, SV, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP, gemm):",
          "    T, B, F = X.shape"]
     L += _DIMS_PLACEHOLDER
     L += [f"    p{k} = P[{k}]" for k in range(_count(f, "param"))]

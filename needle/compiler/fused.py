@@ -15,6 +15,7 @@ import numpy as np
 
 from ..autograd import Tensor, TensorTupleOp
 from ..backend_ndarray.ndarray import NDArray
+from .blas import gemm
 from .cache import load_source
 from .codegen_numba import render
 from .derive import derive
@@ -120,7 +121,7 @@ class CompiledLayer(TensorTupleOp):
         for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
             np.dot(x2, M[c.plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
         forward, _ = c.kernels(dtype)
-        forward(x, S, XW, SV, M, P, nbs, c.dims)
+        forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
         self.saved = (x, S, XW, SV, M, P, nbs)
         if self.lengths is None:
             finals = [S[k][T] for k in range(n)]
@@ -158,7 +159,7 @@ class CompiledLayer(TensorTupleOp):
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         _, backward = c.kernels(dtype)
-        dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP)
+        dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
         self.saved = None
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows
         rows = T * B

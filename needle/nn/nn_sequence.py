@@ -621,9 +621,12 @@ class Recurrent(_Recurrent):
         if self.fused is False or (self.fused is None and os.environ.get("NEEDLE_FUSED", "1") == "0"):
             return False
         try:
+            from ..compiler.blas import gemm
+            from ..compiler.trace import Unsupported
             if X.device.xp is not np:
-                from ..compiler.trace import Unsupported
                 raise Unsupported(f"a device without compiled kernels ({X.device!r})")
+            if gemm(X.dtype) is None:
+                raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
             self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else
                                                                  self.hidden_size)
                                   for layer, cell in enumerate(self.cells)}

@@ -401,6 +401,7 @@ def render(forward, backward, n_states, hidden_size):
     dxw_of = {ref: q for kind, q, ref in bwd_outputs if kind == "dxw"}
     plan.dmm_alias = {q: dxw_of[ref] for kind, q, ref in bwd_outputs if kind == "dmm" and ref in dxw_of}
     bwd_outputs = [o for o in bwd_outputs if not (o[0] == "dmm" and o[1] in plan.dmm_alias)]
+    plan.written = {(kind, q) for kind, q, _ in bwd_outputs}   # buffers the backward kernel fills
     bwd_graph = _add_outputs(backward, bwd_outputs)
     carried = {k for kind, k, _ in bwd_outputs if kind == "carry"}
 

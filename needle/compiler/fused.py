@@ -152,10 +152,14 @@ class CompiledLayer(TensorTupleOp):
         C = tuple(np.array(g, dtype=dtype, order="C") for g in grads[1:])
         Cn = tuple(np.empty_like(a) for a in C)
         widths = plan.widths
-        dXW = tuple(np.zeros((T, B, widths[i]), dtype) for i in plan.xw)
-        DY = tuple(dXW[plan.dmm_alias[q]] if q in plan.dmm_alias else np.zeros((T, B, widths[i]), dtype)
+        # the kernel writes every row still going at each step; rows already finished must read as zeros
+        def make(kind, q, shape):
+            filled = self.lengths is None and (kind, q) in plan.written
+            return (np.empty if filled else np.zeros)(shape, dtype)
+        dXW = tuple(make("dxw", q, (T, B, widths[i])) for q, i in enumerate(plan.xw))
+        DY = tuple(dXW[plan.dmm_alias[q]] if q in plan.dmm_alias else make("dmm", q, (T, B, widths[i]))
                    for q, i in enumerate(plan.mm))
-        dXe = np.zeros((T, B, F), dtype) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
+        dXe = make("dx", 0, (T, B, F)) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         _, backward = c.kernels(dtype)

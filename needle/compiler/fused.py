@@ -45,8 +45,9 @@ class CompiledCell:
     def parameters(self, cell):
         """The kernel's matrices and vectors (Tensors) from the cell's current tensors, via the prelude."""
         values = [_get(cell, path) for path in self.trace.paths]
-        for op, slots in self.trace.prelude:
-            values.append(op(*[values[s] for s in slots]))
+        needed = _needed_steps(self.trace)
+        for k, (op, slots) in enumerate(self.trace.prelude):
+            values.append(op(*[values[s] for s in slots]) if k in needed else None)
         matrices = [values[s] for s in self.trace.matrices]
         vectors = []
         for s in self.trace.vectors:
@@ -57,6 +58,20 @@ class CompiledCell:
     def kernels(self, dtype):
         suffix = "f32" if np.dtype(dtype) == np.float32 else "f64"
         return getattr(self.module, "forward_" + suffix), getattr(self.module, "backward_" + suffix)
+
+
+def _needed_steps(trace):
+    """Indices of the prelude steps that the kernel's matrices and vectors depend on."""
+    if getattr(trace, "needed", None) is None:
+        first, needed = len(trace.paths), set()
+        stack = [s for s in trace.matrices + trace.vectors if s >= first]
+        while stack:
+            k = stack.pop() - first
+            if k not in needed:
+                needed.add(k)
+                stack.extend(s for s in trace.prelude[k][1] if s >= first)
+        trace.needed = needed
+    return trace.needed
 
 
 def compile_cell(cell, in_features):

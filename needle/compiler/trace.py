@@ -216,6 +216,7 @@ class _Reader:
             self.values[id(p)] = ("slot", i)
         self.shapes = {i: p.shape for i, p in enumerate(proxies)}
         self._vector_of, self._matrix_of = {}, {}
+        self.reshape_of = {}
 
     def row(self, tensor):
         kind, *rest = self.values[id(tensor)]
@@ -230,6 +231,8 @@ class _Reader:
             raise Unsupported("a tensor made inside forward (not a parameter of the cell: e.g. dropout or init)")
         ins = [self.values[id(v)] for v in t.inputs]
         if all(v[0] == "slot" for v in ins) and not self._batch_broadcast(t):
+            if type(t.op).__name__ == "Reshape":   # a vector's kernel value is flat: read the one before
+                self.reshape_of[self.n_slots] = ins[0][1]
             self.prelude.append((t.op, [v[1] for v in ins]))
             self.values[id(t)] = ("slot", self.n_slots)
             self.shapes[self.n_slots] = t.shape if isinstance(t, Tensor) else None
@@ -246,10 +249,13 @@ class _Reader:
         full = (1,) * (1 + len(out_fshape) - len(shape)) + tuple(shape)
         if len(full) != 1 + len(out_fshape) or full[0] != 1:
             raise Unsupported(f"a parameter of shape {shape} broadcast over the batch and {out_fshape}")
-        if slot not in self._vector_of:
-            self._vector_of[slot] = len(self.vectors)
-            self.vectors.append(slot)
-        node = self.b.add("param", attr=(self._vector_of[slot],), width=_size(shape))
+        base = slot
+        while base in self.reshape_of:
+            base = self.reshape_of[base]
+        if base not in self._vector_of:
+            self._vector_of[base] = len(self.vectors)
+            self.vectors.append(base)
+        node = self.b.add("param", attr=(self._vector_of[base],), width=_size(shape))
         div, mod = _broadcast_map(full[1:], tuple(out_fshape))
         return Ref(node.node, div, mod)
 

@@ -11,6 +11,8 @@ four gate activations and tanh(c'); for a GRU r, z, n and the recurrent product)
 per-step product that is not a state. With `lengths` (sorted longest first), step t runs only the nb[t]
 sequences still going; finished ones keep zeros in Y and their final state is read at their own last step.
 """
+import os
+
 import numpy as np
 
 from ..autograd import Tensor, TensorTupleOp
@@ -98,6 +100,27 @@ class _Retargeted:
     path = CompiledCell.path
 
 
+# A step's GEMMs below this many multiply-adds run on one BLAS thread: OpenBLAS's second thread, woken for
+# each small product between the step's elementwise loops, cost more than it gave (MGU at hidden 650:
+# 3-30x slower on two threads when the other core was busy).
+_ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 64 * 2 ** 20))
+
+
+class _step_threads:
+    def __init__(self, M, B):
+        from ..backend_ndarray.parallel_numpy import _blas
+        work = B * max((m.shape[0] * m.shape[1] for m in M), default=0)
+        self.blas = _blas() if work < _ONE_THREAD_BELOW else None
+
+    def __enter__(self):
+        self.limit = self.blas.limit(limits=1) if self.blas else None
+
+    def __exit__(self, *exc):
+        if self.limit is not None:
+            self.limit.restore_original_limits()
+        return False
+
+
 def _c(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
@@ -136,7 +159,8 @@ class CompiledLayer(TensorTupleOp):
         for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
             np.dot(x2, M[c.plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
         forward, _ = c.kernels(dtype)
-        forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
+        with _step_threads(M, B):
+            forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
         self.saved = (x, S, XW, SV, M, P, nbs)
         if self.lengths is None:
             finals = [S[k][T] for k in range(n)]
@@ -178,7 +202,8 @@ class CompiledLayer(TensorTupleOp):
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         _, backward = c.kernels(dtype)
-        dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
+        with _step_threads(M, B):
+            dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
         self.saved = None
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows
         rows = T * B

@@ -4,6 +4,7 @@ Views (reshape of a compact array, permute, broadcast_to, slicing, flip, as_stri
 `compact()` copies only when the layout is not already row-major and dense. Arithmetic hands strided
 views of the operands to the backend's array module (numpy on cpu), so no operand is copied first.
 """
+import functools
 import math
 import numbers
 import operator
@@ -37,10 +38,11 @@ class BackendDevice:
         self.name = name
         self.mod = mod
         self.reason = reason
-
-    @property
-    def xp(self):
-        return self.mod.xp
+        # looked up once here, not on every op: the array module and the optional parallel kernels
+        self.xp = getattr(mod, "xp", None)
+        self._ewise = getattr(mod, "ewise", None)
+        self._unary = getattr(mod, "unary", None)
+        self._reduce = getattr(mod, "reduce", None)
 
     def __eq__(self, other):
         return isinstance(other, BackendDevice) and self.name == other.name
@@ -134,6 +136,7 @@ def _as_shape(shape):
         raise TypeError(f"needle: a shape must be a tuple of ints, got {shape!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)  # a few shapes recur on every op
 def _compact_strides(shape):
     strides, stride = [], 1
     for dim in reversed(shape):
@@ -197,11 +200,15 @@ class NDArray:
     def from_xp(arr, device):
         """Wrap a backend array (numpy on cpu) as an NDArray, sharing memory when it is C-contiguous."""
         # ufuncs on 0-d arrays return scalars, which `fill` and setitem could not write through
-        arr = device.xp.asarray(arr)
+        xp = device.xp
+        if type(arr) is not xp.ndarray:
+            arr = xp.asarray(arr)
         if not arr.flags.c_contiguous:
-            arr = device.xp.ascontiguousarray(arr)
-        out = NDArray.make(arr.shape, device=device, handle=arr.reshape(-1))
-        out._view = arr
+            arr = xp.ascontiguousarray(arr)
+        out = NDArray.__new__(NDArray)
+        shape = arr.shape
+        out._shape, out._strides, out._offset = shape, _compact_strides(shape), 0
+        out._device, out._handle, out._view = device, arr.reshape(-1), arr
         return out
 
     # ---- properties
@@ -274,7 +281,7 @@ class NDArray:
 
     def compact(self):
         """This array if it is compact, else a compact copy."""
-        return self if self.is_compact() else NDArray.from_xp(self.device.xp.ascontiguousarray(self.x), self.device)
+        return self if self.is_compact() else NDArray.from_xp(self._device.xp.ascontiguousarray(self.x), self.device)
 
     def as_strided(self, shape, strides):
         shape, strides = _as_shape(shape), _as_shape(strides)
@@ -363,48 +370,54 @@ class NDArray:
 
     # ---- arithmetic: broadcasting as numpy does
     def _ewise(self, other, ufunc, reflected=False):
-        if isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
-            other = other.item()
-        a, b = self.x, (other.x if isinstance(other, NDArray) else other)
+        if type(other) is NDArray:
+            b = other._view if other._view is not None else other.x
+        elif isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
+            b = other.item()
+        else:
+            b = other.x if isinstance(other, NDArray) else other
+        a = self._view if self._view is not None else self.x
         if reflected:
             a, b = b, a
-        parallel = self.device.kernel("ewise")
-        return NDArray.from_xp(parallel(ufunc, a, b) if parallel else ufunc(a, b), self.device)
+        device = self._device
+        parallel = device._ewise
+        return NDArray.from_xp(parallel(ufunc, a, b) if parallel else ufunc(a, b), device)
 
     def _unary(self, ufunc):
-        parallel = self.device.kernel("unary")
-        return NDArray.from_xp(parallel(ufunc, self.x) if parallel else ufunc(self.x), self.device)
+        device = self._device
+        parallel = device._unary
+        return NDArray.from_xp(parallel(ufunc, self.x) if parallel else ufunc(self.x), device)
 
     def __add__(self, other):
-        return self._ewise(other, self.device.xp.add)
+        return self._ewise(other, self._device.xp.add)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return self._ewise(other, self.device.xp.subtract)
+        return self._ewise(other, self._device.xp.subtract)
 
     def __rsub__(self, other):
-        return self._ewise(other, self.device.xp.subtract, reflected=True)
+        return self._ewise(other, self._device.xp.subtract, reflected=True)
 
     def __mul__(self, other):
-        return self._ewise(other, self.device.xp.multiply)
+        return self._ewise(other, self._device.xp.multiply)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        return self._ewise(other, self.device.xp.true_divide)
+        return self._ewise(other, self._device.xp.true_divide)
 
     def __rtruediv__(self, other):
-        return self._ewise(other, self.device.xp.true_divide, reflected=True)
+        return self._ewise(other, self._device.xp.true_divide, reflected=True)
 
     def __neg__(self):
-        return self._unary(self.device.xp.negative)
+        return self._unary(self._device.xp.negative)
 
     def __pow__(self, other):
-        return self._ewise(other, self.device.xp.power)
+        return self._ewise(other, self._device.xp.power)
 
     def maximum(self, other):
-        return self._ewise(other, self.device.xp.maximum)
+        return self._ewise(other, self._device.xp.maximum)
 
     def _compare(self, other, fn):
         return self._ewise(other, lambda a, b: fn(a, b).astype(a.dtype))
@@ -430,30 +443,30 @@ class NDArray:
     __hash__ = None
 
     def log(self):
-        return self._unary(self.device.xp.log)
+        return self._unary(self._device.xp.log)
 
     def exp(self):
-        return self._unary(self.device.xp.exp)
+        return self._unary(self._device.xp.exp)
 
     def tanh(self):
-        return self._unary(self.device.xp.tanh)
+        return self._unary(self._device.xp.tanh)
 
     def sigmoid(self):
         # 0.5 * tanh(0.5 x) + 0.5: stable for any x, and tanh is cheaper than exp plus a reciprocal
-        out = self.device.xp.tanh(self.x * 0.5)
+        out = self._device.xp.tanh(self.x * 0.5)
         out *= 0.5
         out += 0.5
         return NDArray.from_xp(out, self.device)
 
     def __matmul__(self, other):
-        return NDArray.from_xp(self.device.xp.matmul(self.x, other.x), self.device)
+        return NDArray.from_xp(self._device.xp.matmul(self.x, other.x), self.device)
 
     # ---- reductions
     def _reduce(self, kind, axis, keepdims):
-        parallel = self.device.kernel("reduce")
+        parallel = self._device._reduce
         out = parallel(self.x, kind, axis, keepdims) if parallel else getattr(self.x, kind)(axis=axis,
                                                                                             keepdims=keepdims)
-        return NDArray.from_xp(self.device.xp.asarray(out), self.device)
+        return NDArray.from_xp(self._device.xp.asarray(out), self.device)
 
     def sum(self, axis=None, keepdims=False):
         return self._reduce("sum", axis, keepdims)

@@ -115,20 +115,29 @@ class Value:
 
     @classmethod
     def make_from_op(cls, op, inputs):
+        devices = None
         for value in inputs:
             if not isinstance(value, Value):
                 raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
-        _check_same_device(op, inputs)
+            data = value.cached_data
+            device = data.device if type(data) is not tuple else (data[0].device if data else None)
+            if devices is None:
+                devices = device
+            elif device is not devices and device is not None:  # rare: tell the user which devices
+                _check_same_device(op, inputs)
         token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
         try:
             data = op.compute(*[value.realize_cached_data() for value in inputs])
         finally:
             _FP_STATE.reset(token)
         value = cls.__new__(cls)
-        if _GRAD_ENABLED and any(v.requires_grad for v in inputs):
-            value._init(op, list(inputs), data, True)
-        else:
-            value._init(None, [], data, False)
+        value.cached_data = data
+        value.op, value.inputs, value.requires_grad = None, [], False
+        if _GRAD_ENABLED:
+            for v in inputs:
+                if v.requires_grad:
+                    value.op, value.inputs, value.requires_grad = op, list(inputs), True
+                    break
         if _anomaly.enabled:
             _anomaly.check_forward(op, inputs, value)
         return value

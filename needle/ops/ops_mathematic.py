@@ -39,9 +39,13 @@ def _check_tensor(name, value):
 
 def _check_binary(name, a, b):
     """TypeError unless both are Tensors; ValueError unless their shapes broadcast as in numpy."""
-    _check_tensor(name, a)
-    _check_tensor(name, b)
-    for x, y in zip(reversed(a.shape), reversed(b.shape)):
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        _check_tensor(name, a)
+        _check_tensor(name, b)
+    shape_a, shape_b = a.shape, b.shape
+    if shape_a == shape_b:  # the common case: nothing to broadcast
+        return
+    for x, y in zip(reversed(shape_a), reversed(shape_b)):
         if x != y and x != 1 and y != 1:
             raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot broadcast")
 

@@ -96,10 +96,9 @@ class TensorTupleOp(Op):
 class Value:
     """A node of the graph: the op that made it, its inputs and its computed data."""
 
-    op = None
-    inputs = ()
-    cached_data = None
-    requires_grad = False
+    # the four fields every node has live in slots (set by _init or make_from_op); others (a Tensor's grad,
+    # detect_anomaly's call sites, attributes a user adds) go to the instance dictionary
+    __slots__ = ("op", "inputs", "cached_data", "requires_grad", "__dict__", "__weakref__")
 
     def realize_cached_data(self):
         return self.cached_data

@@ -131,7 +131,7 @@ def _as_shape(shape):
     if isinstance(shape, numbers.Integral):
         shape = (shape,)
     try:
-        return tuple(operator.index(s) for s in shape)
+        return tuple(map(operator.index, shape))
     except TypeError:
         raise TypeError(f"needle: a shape must be a tuple of ints, got {shape!r}") from None
 
@@ -277,7 +277,7 @@ class NDArray:
 
     # ---- layout
     def is_compact(self):
-        return self._strides == _compact_strides(self._shape) and self._handle.size == self.size
+        return self._strides == _compact_strides(self._shape) and self._handle.size == math.prod(self._shape)
 
     def compact(self):
         """This array if it is compact, else a compact copy."""
@@ -479,6 +479,8 @@ def _resolve_shape(who, old_shape, new_shape):
     """new_shape with a single -1 resolved; ValueError naming `who` if the sizes differ."""
     new_shape = _as_shape(new_shape)
     size = math.prod(old_shape)
+    if math.prod(new_shape) == size and min(new_shape, default=0) >= 0:  # the common case: nothing to resolve
+        return new_shape
     if new_shape.count(-1) > 1 or any(d < -1 for d in new_shape):
         raise ValueError(f"{who}: invalid target shape {new_shape}")
     if -1 in new_shape:

@@ -1,7 +1,9 @@
 """Elementwise, linear-algebra and shape operations: compute (NDArrays) directly above gradient (Tensors).
 
 Gradients run under no_grad, so a gradient may compute its factors on NDArrays and wrap them as
-constants; backward reuses what forward produced (`node.realize_cached_data()`).
+constants; backward reuses what forward produced (`node.realize_cached_data()`). A binary op whose
+gradient costs work per input (multiply, divide, matmul) returns None for an input that needs no
+gradient (a batch of data, a constant), which the backward walk skips.
 """
 import numbers
 import operator
@@ -99,7 +101,8 @@ class EWiseMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return _sum_to_shape(out_grad * b, a.shape), _sum_to_shape(out_grad * a, b.shape)
+        return (_sum_to_shape(out_grad * b, a.shape) if a.requires_grad else None,
+                _sum_to_shape(out_grad * a, b.shape) if b.requires_grad else None)
 
 
 def multiply(a, b):
@@ -134,7 +137,8 @@ class EWiseDiv(TensorOp):
     def gradient(self, out_grad, node):
         a, b = node.inputs
         grad_a = out_grad / b
-        return _sum_to_shape(grad_a, a.shape), _sum_to_shape(-grad_a * node, b.shape)
+        return (_sum_to_shape(grad_a, a.shape) if a.requires_grad else None,
+                _sum_to_shape(-grad_a * node, b.shape) if b.requires_grad else None)
 
 
 def divide(a, b):
@@ -298,8 +302,8 @@ class MatMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return (_sum_to_shape(matmul(out_grad, transpose(b)), a.shape),
-                _sum_to_shape(matmul(transpose(a), out_grad), b.shape))
+        return (_sum_to_shape(matmul(out_grad, transpose(b)), a.shape) if a.requires_grad else None,
+                _sum_to_shape(matmul(transpose(a), out_grad), b.shape) if b.requires_grad else None)
 
 
 def matmul(a, b):
@@ -340,8 +344,9 @@ class Affine(TensorOp):
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
-        return (matmul(out_grad, transpose(w)), matmul(transpose(x), out_grad),
-                reshape(summation(out_grad, axes=(0,)), b.shape))
+        return (matmul(out_grad, transpose(w)) if x.requires_grad else None,
+                matmul(transpose(x), out_grad) if w.requires_grad else None,
+                reshape(summation(out_grad, axes=(0,)), b.shape) if b.requires_grad else None)
 
 
 def affine(x, w, b):

@@ -344,3 +344,41 @@ def test_split_outputs_used_twice_and_unused():
     parts = ndl.split(x, 0)
     (parts[1] * parts[1] + parts[1]).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [[0, 0], [2 * 2 + 1, 2 * 3 + 1], [0, 0]])
+
+
+# ---- the per-op fast paths agree with the general ones ------------------------------------------------------
+
+def test_an_input_that_needs_no_gradient_gets_none_and_the_rest_are_unchanged():
+    a, w = np.random.randn(4, 3), np.random.randn(3, 2)
+    w_grads = []
+    for x_grad in (True, False):
+        x, W, c = ndl.Tensor(a, requires_grad=x_grad), ndl.Tensor(w), ndl.Tensor(a @ w, requires_grad=x_grad)
+        ((x @ W) * c / (c * c + 3.0)).sum().backward()
+        assert (x.grad is not None) == x_grad and (c.grad is not None) == x_grad
+        w_grads.append(W.grad.numpy())
+    assert_close(w_grads[0], w_grads[1])
+    y = ndl.Tensor(a, requires_grad=False) * ndl.Tensor(a, requires_grad=False)
+    assert y.op is None and y.inputs == [] and not y.requires_grad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ops_on_views_and_float64_agree_with_compact_copies(dtype):
+    a = np.random.randn(5, 4)
+    base = ndl.Tensor(a, dtype=dtype)
+    view = ndl.ops.transpose(ndl.Tensor(a.T.copy(), dtype=dtype))  # strided, not compact
+    other = ndl.Tensor(np.random.randn(5, 4), dtype=dtype)
+    for x in (base, view):
+        y = (x * other + 2.0) / (other * other + 1.0)
+        assert y.dtype == dtype and y.cached_data.is_compact()
+        assert_close(y.numpy(), (a * other.numpy() + 2.0) / (other.numpy() ** 2 + 1.0))
+        y.sum().backward()
+    assert_close(base.grad.numpy(), 1.0 / (other.numpy() ** 2 + 1.0) * other.numpy())
+    assert base.grad.dtype == dtype and base.grad.op is None and base.grad.inputs == []
+
+
+def test_a_node_takes_attributes_beside_its_slots():
+    x = ndl.Tensor([1.0, 2.0])
+    x.note = "kept"
+    y = x * x
+    y.note = 3
+    assert x.note == "kept" and y.note == 3 and x.grad is None

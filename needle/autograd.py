@@ -351,31 +351,34 @@ def compute_gradient_of_variables(output, out_grad):
     # gradients may compute on NDArrays directly, outside any op; under detect_anomaly each step is checked
     with no_grad(), _quiet_fp(), _anomaly.backward_walk() as checking:
         grads = {id(output): out_grad}
+        pop, tuple_get_item = grads.pop, ops.TupleGetItem  # looked up once: the loop runs once per node
         for node in reversed(_topo_order(output)):
-            grad = grads.pop(id(node), None)
+            grad = pop(id(node), None)
             if grad is None:
                 continue
-            if node.op is None:
+            op = node.op
+            if op is None:
                 if node.requires_grad and isinstance(node, Tensor):
                     node.grad = grad.detach() if node.grad is None else (node.grad + grad).detach()
                 continue
-            if isinstance(grad, list):  # a TensorTuple's gradient, slots filled by tuple_get_item
+            if type(grad) is list:  # a TensorTuple's gradient, slots filled by tuple_get_item
                 grad = _tuple_grad(node, grad)
-            if isinstance(node.op, ops.TupleGetItem):  # one slot of its input tuple: no zeros made here
-                _add_tuple_slot(grads, node.inputs[0], node.op.index, grad)
+            if isinstance(op, tuple_get_item):  # one slot of its input tuple: no zeros made here
+                _add_tuple_slot(grads, node.inputs[0], op.index, grad)
                 continue
-            input_grads = node.op.gradient_as_tuple(grad, node)
+            input_grads = op.gradient_as_tuple(grad, node)
             if checking:
                 _anomaly.check_backward(node, input_grads)
             for value, value_grad in zip(node.inputs, input_grads):
                 if value_grad is None or not value.requires_grad:
                     continue
-                key = id(value)
                 if isinstance(value, TensorTuple):
                     for i, g in enumerate(value_grad):
                         _add_tuple_slot(grads, value, i, g)
                 else:
-                    grads[key] = value_grad if key not in grads else grads[key] + value_grad
+                    key = id(value)
+                    previous = grads.get(key)
+                    grads[key] = value_grad if previous is None else previous + value_grad
 
 
 def _add_tuple_slot(grads, tuple_value, index, grad):

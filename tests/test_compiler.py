@@ -295,6 +295,42 @@ def test_two_thousand_steps_train():
     assert all(np.isfinite(p.numpy()).all() for p in module.parameters())
 
 
+
+def test_thread_choice_measures_both_and_follows_the_load():
+    from needle.compiler.fused import _ThreadChoice
+    choice, picks = _ThreadChoice(), []
+    for call in range(600):
+        pick = choice.pick()
+        picks.append(pick)
+        busy = 150 <= call < 300                 # all threads: 0.8 on a quiet machine, 3.0 beside a busy core
+        choice.record(pick, 1.0 if pick == 1 else (3.0 if busy else 0.8))
+    assert picks[:4] == [1, 0, 1, 0]             # both measured first
+    assert picks[4:150].count(1) <= 8            # then mostly the faster, retrying the other now and then
+    assert picks[152:300].count(0) <= 8          # the load came: one thread within two calls, and stays
+    assert picks[450:].count(0) >= 140           # it went: all threads again by the next retry (<= 128 on)
+
+
+def test_thread_choices_change_nothing_but_time(monkeypatch):
+    from needle.compiler import fused
+    monkeypatch.setattr(fused, "_ONE_THREAD_BELOW", 0)   # every kernel measures, tiny ones included
+    np.random.seed(3)
+    module = nn.Recurrent(lambda n: CIFGCell(n, 16), 5, 2, fused=True)
+    X = ndl.Tensor(np.random.randn(7, 4, 5), requires_grad=True)
+    results = []
+    for _ in range(6):                           # the first four calls of each kernel alternate 1, 0, 1, 0
+        out, (h, c) = module(X)
+        (out * out).sum().backward()
+        results.append([out.numpy(), c.numpy(), X.grad.numpy()] + [p.grad.numpy() for p in module.parameters()])
+        X.grad = None
+        for p in module.parameters():
+            p.grad = None
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    choices = module._call_kernels[id(module.cells[0])].thread_choices
+    assert {key[0] for key in choices} == {"forward", "backward"}
+    assert all(len(c.seconds[1]) == 2 and len(c.seconds[0]) >= 1 for c in choices.values())
+
 # ---- fallbacks -------------------------------------------------------------------------------------------
 
 class DropoutCell(nn.Module):

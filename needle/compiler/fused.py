@@ -12,6 +12,7 @@ per-step product that is not a state. With `lengths` (sorted longest first), ste
 sequences still going; finished ones keep zeros in Y and their final state is read at their own last step.
 """
 import os
+import time
 
 import numpy as np
 
@@ -38,6 +39,7 @@ class CompiledCell:
                                               trace.hidden_size)
         self.dims = np.array(dims, dtype=np.int64)
         self.module = load_source(self.source)
+        self.thread_choices = {}   # (kernel, batch, dtype) -> _ThreadChoice
 
     @property
     def path(self):
@@ -100,24 +102,78 @@ class _Retargeted:
     path = CompiledCell.path
 
 
-# A step's GEMMs below this many multiply-adds run on one BLAS thread: OpenBLAS's second thread, woken for
-# each small product between the step's elementwise loops, cost more than it gave (MGU at hidden 650:
-# 3-30x slower on two threads when the other core was busy).
-_ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 64 * 2 ** 20))
+# How many BLAS threads a step's GEMMs get. The products are small and sit between compiled elementwise
+# loops, so a second OpenBLAS thread has to be woken for each one: on a quiet 2-core machine two threads beat
+# one by up to 25% (LSTM at hidden 650, 35 steps, batch 20: 198 ms against 260 a training step), but while
+# another process keeps a core busy each product waits for its second thread to be scheduled, and two
+# threads lost (the same step 743 ms against 503; MGU at hidden 650, 1.9 s against 0.15). No fixed rule
+# fits both, so the runtime measures: per kernel (forward, backward) and batch size it times its first
+# calls on one thread and on all, runs the faster, and tries the other again after _RETRY calls (twice as
+# long after each retry that changes nothing, up to _RETRY_MAX; at once when the one it runs gets slower than
+# the other was), so that it follows the machine's load at little cost. Threads change no result. Steps
+# below _ONE_THREAD_BELOW multiply-adds (tiny cells) always run on one thread; NEEDLE_STEP_GEMM_ONE_THREAD
+# sets that bound (0: always measure; a huge value: always one thread).
+_ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 2 ** 20))
+_RETRY, _RETRY_MAX = 16, 128
+
+
+class _ThreadChoice:
+    """One kernel's measured choice between one BLAS thread (1) and all of them (0)."""
+
+    def __init__(self):
+        self.seconds = {1: [], 0: []}   # choice -> its latest two timings (seconds a step)
+        self.best, self.retry, self.countdown = None, _RETRY, 0
+
+    def pick(self):
+        if self.best is None:
+            one, all_ = len(self.seconds[1]), len(self.seconds[0])
+            if min(one, all_) < 2:
+                return 1 if one <= all_ else 0            # 1, 0, 1, 0 first
+            self.best = min((1, 0), key=self._mean)
+            self.countdown = self.retry
+        self.countdown -= 1
+        return 1 - self.best if self.countdown <= 0 else self.best
+
+    def record(self, choice, seconds):
+        if self.best is None or choice == self.best:
+            self.seconds[choice] = (self.seconds[choice] + [seconds])[-2:]
+            if self.best is not None and self._mean(choice) > self._mean(1 - choice):
+                self.countdown = 0                         # now slower than the other was: retry it next
+            return
+        # a retry of the other choice: switch if it now wins, else wait twice as long before the next
+        if seconds < self._mean(self.best):
+            self.best, self.retry, self.seconds[choice] = choice, _RETRY, [seconds]
+        else:
+            self.retry = min(2 * self.retry, _RETRY_MAX)
+        self.countdown = self.retry
+
+    def _mean(self, choice):
+        return sum(self.seconds[choice]) / len(self.seconds[choice])
 
 
 class _step_threads:
-    def __init__(self, M, B):
-        from ..backend_ndarray.parallel_numpy import _blas
+    """Runs a kernel call on the BLAS threads its _ThreadChoice picks, and times it for that choice."""
+
+    def __init__(self, compiled, which, M, B, T):
+        from ..backend_ndarray.parallel_numpy import _blas, num_threads
         work = B * max((m.shape[0] * m.shape[1] for m in M), default=0)
-        self.blas = _blas() if work < _ONE_THREAD_BELOW else None
+        self.blas = _blas()
+        self.choice, self.record, self.steps = 1, None, max(T, 1)
+        if self.blas and num_threads() > 1 and work >= _ONE_THREAD_BELOW:
+            chooser = compiled.thread_choices.setdefault((which, B, M[0].dtype.char if M else ""),
+                                                         _ThreadChoice())
+            self.choice, self.record = chooser.pick(), chooser.record
 
     def __enter__(self):
-        self.limit = self.blas.limit(limits=1) if self.blas else None
+        self.limit = self.blas.limit(limits=1) if self.blas and self.choice == 1 else None
+        self.start = time.perf_counter()
 
     def __exit__(self, *exc):
+        seconds = time.perf_counter() - self.start
         if self.limit is not None:
             self.limit.restore_original_limits()
+        if self.record is not None and exc[0] is None:
+            self.record(self.choice, seconds / self.steps)
         return False
 
 
@@ -159,7 +215,7 @@ class CompiledLayer(TensorTupleOp):
         for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
             np.dot(x2, M[c.plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
         forward, _ = c.kernels(dtype)
-        with _step_threads(M, B):
+        with _step_threads(c, "forward", M, B, T):
             forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
         self.saved = (x, S, XW, SV, M, P, nbs)
         if self.lengths is None:
@@ -202,7 +258,7 @@ class CompiledLayer(TensorTupleOp):
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         _, backward = c.kernels(dtype)
-        with _step_threads(M, B):
+        with _step_threads(c, "backward", M, B, T):
             dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
         self.saved = None
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows

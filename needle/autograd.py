@@ -359,7 +359,9 @@ def compute_gradient_of_variables(output, out_grad):
             op = node.op
             if op is None:
                 if node.requires_grad and isinstance(node, Tensor):
-                    node.grad = grad.detach() if node.grad is None else (node.grad + grad).detach()
+                    previous = node.grad
+                    node.grad = grad.detach() if previous is None else Tensor.make_const(
+                        previous.realize_cached_data() + grad.realize_cached_data())
                 continue
             if type(grad) is list:  # a TensorTuple's gradient, slots filled by tuple_get_item
                 grad = _tuple_grad(node, grad)
@@ -377,8 +379,9 @@ def compute_gradient_of_variables(output, out_grad):
                         _add_tuple_slot(grads, value, i, g)
                 else:
                     key = id(value)
-                    previous = grads.get(key)
-                    grads[key] = value_grad if previous is None else previous + value_grad
+                    previous = grads.get(key)  # a second gradient: summed on the arrays, no op recorded
+                    grads[key] = value_grad if previous is None else Tensor.make_const(
+                        previous.realize_cached_data() + value_grad.realize_cached_data())
 
 
 def _add_tuple_slot(grads, tuple_value, index, grad):

@@ -1,8 +1,9 @@
 """Elementwise, linear-algebra and shape operations: compute (NDArrays) directly above gradient (Tensors).
 
-Gradients run under no_grad, so a gradient may compute its factors on NDArrays and wrap them as
-constants; backward reuses what forward produced (`node.realize_cached_data()`). A binary op whose
-gradient costs work per input (multiply, divide, matmul) returns None for an input that needs no
+Gradients hold no graph (backward runs under no_grad), so the gradients here compute on NDArrays, as
+`compute` does, and wrap the result once as a constant Tensor: one numpy call and one wrapper per factor,
+not a recorded op each. Backward reuses what forward produced (`node.realize_cached_data()`). A binary op
+whose gradient costs work per input (multiply, divide, matmul) returns None for an input that needs no
 gradient (a batch of data, a constant), which the backward walk skips.
 """
 import numbers
@@ -21,17 +22,30 @@ __all__ = [
 ]
 
 
-def _const(data):
-    return Tensor.make_const(data)
-
-
-def _sum_to_shape(grad, shape):
-    """A broadcast operand's gradient is summed back to the operand's shape."""
+def _summed_to(grad, shape):
+    """An NDArray gradient of a broadcast operand, summed back to the operand's shape (an NDArray)."""
     if grad.shape == shape:
         return grad
     lead = len(grad.shape) - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and grad.shape[lead + i] != 1)
-    return reshape(summation(grad, axes), shape)
+    return grad.sum(axis=axes).compact().reshape(shape)
+
+
+def _grad(data, shape=None):
+    """An op's gradient computed on NDArrays, summed to `shape` when given, as a constant Tensor."""
+    return Tensor.make_const(data if shape is None else _summed_to(data, shape))
+
+
+def _sum_to_shape(grad, shape):
+    """A broadcast operand's gradient Tensor summed back to the operand's shape."""
+    return grad if grad.shape == shape else _grad(grad.realize_cached_data(), shape)
+
+
+def _swap_last(a):
+    """An NDArray's last two axes swapped (a view)."""
+    order = list(range(a.ndim))
+    order[-1], order[-2] = order[-2], order[-1]
+    return a.permute(order)
 
 
 def _check_tensor(name, value):
@@ -101,8 +115,9 @@ class EWiseMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return (_sum_to_shape(out_grad * b, a.shape) if a.requires_grad else None,
-                _sum_to_shape(out_grad * a, b.shape) if b.requires_grad else None)
+        g = out_grad.realize_cached_data()
+        return (_grad(g * b.realize_cached_data(), a.shape) if a.requires_grad else None,
+                _grad(g * a.realize_cached_data(), b.shape) if b.requires_grad else None)
 
 
 def multiply(a, b):
@@ -120,7 +135,7 @@ class MulScalar(TensorOp):
         return a * self.scalar
 
     def gradient(self, out_grad, node):
-        return out_grad * self.scalar
+        return _grad(out_grad.realize_cached_data() * self.scalar)
 
 
 def mul_scalar(a, scalar):
@@ -136,9 +151,9 @@ class EWiseDiv(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        grad_a = out_grad / b
-        return (_sum_to_shape(grad_a, a.shape) if a.requires_grad else None,
-                _sum_to_shape(-grad_a * node, b.shape) if b.requires_grad else None)
+        grad_a = out_grad.realize_cached_data() / b.realize_cached_data()
+        return (_grad(grad_a, a.shape) if a.requires_grad else None,
+                _grad(-grad_a * node.realize_cached_data(), b.shape) if b.requires_grad else None)
 
 
 def divide(a, b):
@@ -156,7 +171,7 @@ class DivScalar(TensorOp):
         return a / self.scalar
 
     def gradient(self, out_grad, node):
-        return out_grad / self.scalar
+        return _grad(out_grad.realize_cached_data() / self.scalar)
 
 
 def divide_scalar(a, scalar):
@@ -174,9 +189,9 @@ class EWisePow(TensorOp):
     def gradient(self, out_grad, node):
         a, b = node.inputs
         a_data, b_data = a.realize_cached_data(), b.realize_cached_data()
-        grad_a = _const(b_data * a_data ** (b_data - 1.0))
-        grad_b = _const(node.realize_cached_data() * a_data.log())
-        return _sum_to_shape(out_grad * grad_a, a.shape), _sum_to_shape(out_grad * grad_b, b.shape)
+        g = out_grad.realize_cached_data()
+        return (_grad(g * (b_data * a_data ** (b_data - 1.0)), a.shape),
+                _grad(g * (node.realize_cached_data() * a_data.log()), b.shape))
 
 
 def power(a, b):
@@ -195,7 +210,7 @@ class PowerScalar(TensorOp):
 
     def gradient(self, out_grad, node):
         a = node.inputs[0].realize_cached_data()
-        return out_grad * _const(a ** (self.scalar - 1) * self.scalar)
+        return _grad(out_grad.realize_cached_data() * (a ** (self.scalar - 1) * self.scalar))
 
 
 def power_scalar(a, scalar):
@@ -210,7 +225,7 @@ class Negate(TensorOp):
         return -a
 
     def gradient(self, out_grad, node):
-        return -out_grad
+        return _grad(-out_grad.realize_cached_data())
 
 
 def negate(a):
@@ -224,7 +239,7 @@ class Log(TensorOp):
         return a.log()
 
     def gradient(self, out_grad, node):
-        return out_grad / node.inputs[0]
+        return _grad(out_grad.realize_cached_data() / node.inputs[0].realize_cached_data())
 
 
 def log(a):
@@ -238,7 +253,7 @@ class Exp(TensorOp):
         return a.exp()
 
     def gradient(self, out_grad, node):
-        return out_grad * _const(node.realize_cached_data())
+        return _grad(out_grad.realize_cached_data() * node.realize_cached_data())
 
 
 def exp(a):
@@ -252,7 +267,7 @@ class ReLU(TensorOp):
         return a.maximum(0.0)
 
     def gradient(self, out_grad, node):
-        return out_grad * _const(node.realize_cached_data() > 0.0)
+        return _grad(out_grad.realize_cached_data() * (node.realize_cached_data() > 0.0))
 
 
 def relu(a):
@@ -268,7 +283,7 @@ class Tanh(TensorOp):
 
     def gradient(self, out_grad, node):
         out = node.realize_cached_data()
-        return out_grad * _const(1.0 - out * out)
+        return _grad(out_grad.realize_cached_data() * (1.0 - out * out))
 
 
 def tanh(a):
@@ -284,7 +299,7 @@ class Sigmoid(TensorOp):
 
     def gradient(self, out_grad, node):
         out = node.realize_cached_data()
-        return out_grad * _const(out * (1.0 - out))
+        return _grad(out_grad.realize_cached_data() * (out * (1.0 - out)))
 
 
 def sigmoid(a):
@@ -302,8 +317,9 @@ class MatMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return (_sum_to_shape(matmul(out_grad, transpose(b)), a.shape) if a.requires_grad else None,
-                _sum_to_shape(matmul(transpose(a), out_grad), b.shape) if b.requires_grad else None)
+        g = out_grad.realize_cached_data()
+        return (_grad(g @ _swap_last(b.realize_cached_data()), a.shape) if a.requires_grad else None,
+                _grad(_swap_last(a.realize_cached_data()) @ g, b.shape) if b.requires_grad else None)
 
 
 def matmul(a, b):
@@ -344,9 +360,10 @@ class Affine(TensorOp):
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
-        return (matmul(out_grad, transpose(w)) if x.requires_grad else None,
-                matmul(transpose(x), out_grad) if w.requires_grad else None,
-                reshape(summation(out_grad, axes=(0,)), b.shape) if b.requires_grad else None)
+        g = out_grad.realize_cached_data()
+        return (_grad(g @ _swap_last(w.realize_cached_data())) if x.requires_grad else None,
+                _grad(_swap_last(x.realize_cached_data()) @ g) if w.requires_grad else None,
+                _grad(g.sum(axis=(0,)).reshape(b.shape)) if b.requires_grad else None)
 
 
 def affine(x, w, b):
@@ -375,7 +392,7 @@ class Summation(TensorOp):
     def gradient(self, out_grad, node):
         shape = node.inputs[0].shape
         kept = tuple(1 if i in self.axes else d for i, d in enumerate(shape))
-        return broadcast_to(reshape(out_grad, kept), shape)
+        return _grad(out_grad.realize_cached_data().compact().reshape(kept).broadcast_to(shape))
 
 
 def summation(a, axes=None):
@@ -413,7 +430,7 @@ class Reshape(TensorOp):
         return a.compact().reshape(self.shape)
 
     def gradient(self, out_grad, node):
-        return reshape(out_grad, node.inputs[0].shape)
+        return _grad(out_grad.realize_cached_data().compact().reshape(node.inputs[0].shape))
 
 
 def reshape(a, shape):
@@ -435,7 +452,7 @@ class Transpose(TensorOp):
         return a.permute(order)
 
     def gradient(self, out_grad, node):
-        return Transpose(self.axes)(out_grad)
+        return _grad(self.compute(out_grad.realize_cached_data()))
 
 
 def transpose(a, axes=None):
@@ -462,7 +479,7 @@ class Stack(TensorOp):
         return NDArray.from_xp(device.xp.stack([a.x for a in arrays], axis=self.axis), device)
 
     def gradient(self, out_grad, node):
-        return tuple(Tensor.make_const(g) for g in split(out_grad, self.axis).cached_data)
+        return tuple(_grad(g) for g in Split(self.axis).compute(out_grad.realize_cached_data()))
 
 
 def stack(tensors, axis):
@@ -500,7 +517,7 @@ class Split(TensorTupleOp):
                      for i in range(a.shape[self.axis]))
 
     def gradient(self, out_grad, node):
-        return stack([Tensor.make_const(g) for g in out_grad.cached_data], self.axis)
+        return _grad(Stack(self.axis).compute(*out_grad.realize_cached_data()))
 
 
 def split(a, axis):
@@ -518,7 +535,7 @@ class Flip(TensorOp):
         return a.flip(self.axes)
 
     def gradient(self, out_grad, node):
-        return Flip(self.axes)(out_grad)
+        return _grad(self.compute(out_grad.realize_cached_data()))
 
 
 def flip(a, axes):
@@ -545,7 +562,7 @@ class Dilate(TensorOp):
         return out
 
     def gradient(self, out_grad, node):
-        return UnDilate(self.axes, self.dilation)(out_grad)
+        return _grad(UnDilate(self.axes, self.dilation).compute(out_grad.realize_cached_data()))
 
 
 class UnDilate(TensorOp):
@@ -559,7 +576,7 @@ class UnDilate(TensorOp):
         return a[_dilated_slices(a.shape, self.axes, self.dilation)]
 
     def gradient(self, out_grad, node):
-        return Dilate(self.axes, self.dilation)(out_grad)
+        return _grad(Dilate(self.axes, self.dilation).compute(out_grad.realize_cached_data()))
 
 
 def _check_dilation(name, a, axes, dilation):

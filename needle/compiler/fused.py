@@ -10,6 +10,10 @@ products X @ M, and the forward values the derived backward reads that are not a
 four gate activations and tanh(c'); for a GRU r, z, n and the recurrent product), plus the operand of each
 per-step product that is not a state. With `lengths` (sorted longest first), step t runs only the nb[t]
 sequences still going; finished ones keep zeros in Y and their final state is read at their own last step.
+With `recompute_every` k, the forward runs in pieces of k steps and keeps only Y and each piece's initial
+states; the backward runs each piece's forward again, from the last piece, just before its backward (memory
+O(T/k + k) steps of states and saved values instead of O(T); each weight gradient a sum of one GEMM a piece,
+so results equal the whole-sequence run to rounding).
 """
 import os
 import time
@@ -185,13 +189,40 @@ class CompiledLayer(TensorTupleOp):
     """One layer of a compiled cell over a whole sequence; see the module docstring."""
     name = "Recurrent"
 
-    def __init__(self, compiled, lengths=None):
-        self.compiled, self.lengths = compiled, lengths
+    def __init__(self, compiled, lengths=None, recompute_every=None):
+        self.compiled, self.lengths, self.every = compiled, lengths, recompute_every
         self.saved = None
+
+    def _run_forward(self, x, states, M, P, nbs):
+        """The forward kernel over x (T, B, F) from `states`: (S, XW, SV), every state of every step, the
+        hoisted products and the saved values."""
+        c = self.compiled
+        plan, dtype = c.plan, x.dtype
+        T, B, _ = x.shape
+        H = c.trace.hidden_size
+        S = tuple(np.zeros((T + 1, B, H), dtype) for _ in states)
+        for k, state in enumerate(states):
+            S[k][0] = state
+        widths = plan.widths
+        XW = tuple(np.empty((T, B, widths[i]), dtype) for i in plan.xw)
+        make = np.zeros if self.lengths is not None else np.empty
+        SV = tuple(make((T, B, widths[i]), dtype) for i in plan.saved)
+        x2 = x.reshape(T * B, -1)
+        for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
+            np.dot(x2, M[plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
+        forward, _ = c.kernels(dtype)
+        with _step_threads(c, "forward", M, B, T):
+            forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
+        return S, XW, SV
+
+    def _segments(self, T):
+        """[(t0, t1)]: the whole sequence, or pieces of recompute_every steps."""
+        every = self.every if self.every is not None and self.every < T else T
+        return [(t0, min(t0 + every, T)) for t0 in range(0, T, every)]
 
     def compute(self, X, *args):
         c = self.compiled
-        n, plan = c.trace.num_states, c.plan
+        n = c.trace.num_states
         dtype = X.dtype
         x = _c(X.numpy(), dtype)
         T, B, _ = x.shape
@@ -199,32 +230,36 @@ class CompiledLayer(TensorTupleOp):
         n_mat = len(c.trace.matrices)
         M = tuple(_c(a.numpy(), dtype) for a in args[n:n + n_mat])
         P = tuple(_c(a.numpy(), dtype) for a in args[n + n_mat:])
-        H = c.trace.hidden_size
-        S = tuple(np.zeros((T + 1, B, H), dtype) for _ in range(n))
-        for k in range(n):
-            S[k][0] = states[k]
-        widths = plan.widths
-        XW = tuple(np.empty((T, B, widths[i]), dtype) for i in plan.xw)
-        make = np.zeros if self.lengths is not None else np.empty
-        SV = tuple(make((T, B, widths[i]), dtype) for i in plan.saved)
         if self.lengths is None:
             nbs = np.full(T, B, dtype=np.int64)
         else:
             nbs = (self.lengths[None, :] > np.arange(T)[:, None]).sum(axis=1).astype(np.int64)
-        x2 = x.reshape(T * B, -1)
-        for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
-            np.dot(x2, M[c.plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
-        forward, _ = c.kernels(dtype)
-        with _step_threads(c, "forward", M, B, T):
-            forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
-        self.saved = (x, S, XW, SV, M, P, nbs)
-        if self.lengths is None:
-            finals = [S[k][T] for k in range(n)]
+        segments = self._segments(T)
+        rows = np.arange(B)
+        if len(segments) == 1:
+            S, XW, SV = self._run_forward(x, states, M, P, nbs)
+            self.saved = (x, S, XW, SV, M, P, nbs)
+            Y = S[0][1:]
+            finals = [S[k][T] for k in range(n)] if self.lengths is None else \
+                [S[k][self.lengths, rows] for k in range(n)]
         else:
-            rows = np.arange(B)
-            finals = [S[k][self.lengths, rows] for k in range(n)]
+            # recompute_every: keep each piece's initial states only; backward runs the piece again
+            Y = (np.zeros if self.lengths is not None else np.empty)((T, B, c.trace.hidden_size), dtype)
+            starts, finals = [], [np.zeros_like(s) for s in states]
+            for t0, t1 in segments:
+                starts.append(states if t0 else [a.copy() for a in states])
+                S, _, _ = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1])
+                Y[t0:t1] = S[0][1:]
+                states = [S[k][t1 - t0].copy() for k in range(n)]
+                if self.lengths is not None:   # sequences that end in this piece: their final states
+                    ending = rows[(self.lengths > t0) & (self.lengths <= t1)]
+                    for k in range(n):
+                        finals[k][ending] = S[k][self.lengths[ending] - t0, ending]
+            if self.lengths is None:
+                finals = states
+            self.saved = (x, starts, M, P, nbs)
         device = X.device
-        return (NDArray.from_xp(S[0][1:], device),) + tuple(NDArray.from_xp(f, device) for f in finals)
+        return (NDArray.from_xp(Y, device),) + tuple(NDArray.from_xp(f, device) for f in finals)
 
     @staticmethod
     def _operand(where, x2, S, SV, T):
@@ -238,13 +273,38 @@ class CompiledLayer(TensorTupleOp):
 
     def gradient(self, out_grad, node):
         c = self.compiled
-        plan, n = c.plan, c.trace.num_states
-        x, S, XW, SV, M, P, nbs = self.saved
+        x, M, P, nbs = self.saved[0], self.saved[-3], self.saved[-2], self.saved[-1]
         dtype = x.dtype
         T, B, F = x.shape
         grads = [g.numpy() for g in out_grad.cached_data]
         dY = _c(grads[0], dtype)
         C = tuple(np.array(g, dtype=dtype, order="C") for g in grads[1:])
+        dP = tuple(np.zeros_like(p) for p in P)
+        MT = tuple(np.ascontiguousarray(m.T) for m in M)
+        dM = [None] * len(M)
+        segments = self._segments(T)
+        if len(segments) == 1:
+            dX, dS0 = self._backward_piece(x, self.saved[1:4], MT, P, nbs, dY, C, dP, dM)
+        else:   # piece by piece from the last: run its forward again from its kept states, then its backward
+            dX = np.empty((T, B, F), dtype)
+            for (t0, t1), states in zip(reversed(segments), reversed(self.saved[1])):
+                piece = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1])
+                dX[t0:t1], C = self._backward_piece(x[t0:t1], piece, MT, P, nbs[t0:t1], dY[t0:t1], C, dP, dM)
+            dS0 = C
+        self.saved = None
+        dM = [np.zeros_like(m) if g is None else g for m, g in zip(M, dM)]
+        device = node.inputs[0].device
+        out = [dX] + list(dS0) + dM + list(dP)
+        return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)
+
+    def _backward_piece(self, x, forward_values, MT, P, nbs, dY, C, dP, dM):
+        """The backward kernel over x's steps, given the state gradients C after them: (dX, the state
+        gradients before them); dP and dM (None or arrays) gather the parameters' gradients."""
+        c = self.compiled
+        plan = c.plan
+        S, XW, SV = forward_values
+        dtype = x.dtype
+        T, B, F = x.shape
         Cn = tuple(np.empty_like(a) for a in C)
         widths = plan.widths
         # the kernel writes every row still going at each step; rows already finished must read as zeros
@@ -255,15 +315,11 @@ class CompiledLayer(TensorTupleOp):
         DY = tuple(dXW[plan.dmm_alias[q]] if q in plan.dmm_alias else make("dmm", q, (T, B, widths[i]))
                    for q, i in enumerate(plan.mm))
         dXe = make("dx", 0, (T, B, F)) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
-        dP = tuple(np.zeros_like(p) for p in P)
-        MT = tuple(np.ascontiguousarray(m.T) for m in M)
         _, backward = c.kernels(dtype)
-        with _step_threads(c, "backward", M, B, T):
+        with _step_threads(c, "backward", MT, B, T):
             dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
-        self.saved = None
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows
         rows = T * B
-        dM = [None] * len(M)
         x2 = x.reshape(rows, F)
         products = [(x2, dXW[q], plan.xw_matrix[q]) for q in range(len(plan.xw))]
         products += [(self._operand(where, x2, S, SV, T), DY[q], plan.mm_matrix[q])
@@ -271,11 +327,7 @@ class CompiledLayer(TensorTupleOp):
         for operand, grad, k in products:
             g = operand.T @ grad.reshape(rows, -1)
             dM[k] = g if dM[k] is None else dM[k] + g
-        dM = [np.zeros_like(m) if g is None else g for m, g in zip(M, dM)]
         dX = dXe.reshape(rows, F) if plan.has_dx_direct else np.zeros((rows, F), dtype)
         for q in range(len(plan.xw)):
             dX += dXW[q].reshape(rows, -1) @ MT[plan.xw_matrix[q]]
-        dX = dX.reshape(T, B, F)
-        device = node.inputs[0].device
-        out = [dX] + list(dS0) + dM + list(dP)
-        return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)
+        return dX.reshape(T, B, F), dS0

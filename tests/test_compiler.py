@@ -326,6 +326,41 @@ def test_builtin_cells_equal_builtin_layers(kind, bias):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("every", [None, 4])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("kind", ["cifg", "mgu"])
+def test_grad_flow_compiled_equals_reference(kind, with_lengths, every):
+    """record_grad_flow: the compiled backward's ||dL/dh_t|| equal the reference path's, every layer and
+    step (lengths: padded steps add nothing), with recompute_every too."""
+    T, B, layers = 11, 5, 2
+    rng = np.random.default_rng(3 + with_lengths)
+    module = nn.Recurrent(lambda n: CELLS[kind](n, H, dtype="float64"), 5, layers, fused=True, dtype="float64",
+                          recompute_every=every, record_grad_flow=True)
+    X = rng.standard_normal((T, B, 5))
+    lengths = np.array([3, 11, 7, 1, 9]) if with_lengths else None
+    up = rng.standard_normal((T, B, H))
+    assert module.grad_flow is None
+    run_needle(module, X, None, lengths, up, dtype="float64")
+    compiled = module.grad_flow
+    module.fused = False
+    run_needle(module, X, None, lengths, up, dtype="float64")
+    reference = module.grad_flow
+    assert compiled.shape == (layers, T) and (compiled > 0).all()
+    np.testing.assert_allclose(compiled, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_flow_of_lstm_cells_equals_nn_lstm():
+    layer = nn.LSTM(5, H, 2, record_grad_flow=True)
+    made = list(layer.lstm_cells)
+    module = nn.Recurrent(lambda n: made.pop(0), 5, 2, fused=True, record_grad_flow=True)
+    X, up = np.random.randn(9, 4, 5).astype(np.float32), np.random.randn(9, 4, H)
+    lengths = np.array([9, 3, 7, 1])
+    run_needle(module, X, None, lengths, up)
+    layer.n_states, layer.cells = 2, layer.lstm_cells
+    run_needle(layer, X, None, lengths, up)
+    np.testing.assert_allclose(module.grad_flow, layer.grad_flow, rtol=1e-5, atol=1e-6)
+
+
 def test_two_thousand_steps_train():
     module = nn.Recurrent(lambda n: CIFGCell(n, 8), 3, 1, fused=True)
     X = ndl.Tensor(np.random.randn(2000, 2, 3) * 0.5)

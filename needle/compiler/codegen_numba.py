@@ -478,7 +478,7 @@ def _count(nodes, op):
 
 def _backward_source(suffix, plan, f, step, body, n_states, carried):
     L = [f"\n\n@njit(cache=True, {_FLAGS})",
-         f"def backward_{suffix}(X, S, XW, SV, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP, gemm):",
+         f"def backward_{suffix}(X, S, XW, SV, MT, P, nbs, dims, dY, C, Cn, dXW, DY, dXe, dP, gemm, GF):",
          "    T, B, F = X.shape"]
     L += _DIMS_PLACEHOLDER
     L += [f"    p{k} = P[{k}]" for k in range(_count(f, "param"))]
@@ -496,6 +496,11 @@ def _backward_source(suffix, plan, f, step, body, n_states, carried):
     L += [f"        cn{k} = Cn[{k}]" for k in range(n_states)]
     L += ["        if nb < B:"] + [f"            cn{k}[nb:] = c{k}[nb:]" for k in range(n_states)]
     L += [f"        cn{k}[:nb] = 0.0" for k in range(n_states) if k not in carried]
+    # record_grad_flow: GF (T, B) gets ||dL/dh_t||^2 per sequence, the output's gradient plus the carried one
+    L += ["        if GF.shape[0] > 0:", "            gf_t = GF[t]", "            for b in range(nb):",
+          "                r_dy = dy_t[b]", "                r_c = c0[b]", "                acc = 0.0",
+          "                for j in range(r_dy.shape[0]):", "                    v = r_dy[j] + r_c[j]",
+          "                    acc += v * v", "                gf_t[b] = acc"]
     L += ["        " + line for line in body]
     L += ["        C, Cn = Cn, C"]
     L.append("    return C")

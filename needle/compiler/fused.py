@@ -189,8 +189,8 @@ class CompiledLayer(TensorTupleOp):
     """One layer of a compiled cell over a whole sequence; see the module docstring."""
     name = "Recurrent"
 
-    def __init__(self, compiled, lengths=None, recompute_every=None):
-        self.compiled, self.lengths, self.every = compiled, lengths, recompute_every
+    def __init__(self, compiled, lengths=None, recompute_every=None, record=None):
+        self.compiled, self.lengths, self.every, self.record = compiled, lengths, recompute_every, record
         self.saved = None
 
     def _run_forward(self, x, states, M, P, nbs):
@@ -282,24 +282,29 @@ class CompiledLayer(TensorTupleOp):
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         dM = [None] * len(M)
+        GF = np.zeros((T if self.record is not None else 0, B))   # squared norms of dL/dh_t, if recorded
         segments = self._segments(T)
         if len(segments) == 1:
-            dX, dS0 = self._backward_piece(x, self.saved[1:4], MT, P, nbs, dY, C, dP, dM)
+            dX, dS0 = self._backward_piece(x, self.saved[1:4], MT, P, nbs, dY, C, dP, dM, GF)
         else:   # piece by piece from the last: run its forward again from its kept states, then its backward
             dX = np.empty((T, B, F), dtype)
             for (t0, t1), states in zip(reversed(segments), reversed(self.saved[1])):
                 piece = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1])
-                dX[t0:t1], C = self._backward_piece(x[t0:t1], piece, MT, P, nbs[t0:t1], dY[t0:t1], C, dP, dM)
+                dX[t0:t1], C = self._backward_piece(x[t0:t1], piece, MT, P, nbs[t0:t1], dY[t0:t1], C, dP, dM,
+                                                    GF[t0:t1])
             dS0 = C
         self.saved = None
+        if self.record is not None:
+            self.record(GF)
         dM = [np.zeros_like(m) if g is None else g for m, g in zip(M, dM)]
         device = node.inputs[0].device
         out = [dX] + list(dS0) + dM + list(dP)
         return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)
 
-    def _backward_piece(self, x, forward_values, MT, P, nbs, dY, C, dP, dM):
+    def _backward_piece(self, x, forward_values, MT, P, nbs, dY, C, dP, dM, GF):
         """The backward kernel over x's steps, given the state gradients C after them: (dX, the state
-        gradients before them); dP and dM (None or arrays) gather the parameters' gradients."""
+        gradients before them); dP and dM (None or arrays) gather the parameters' gradients, GF (steps, B)
+        the squared norms of dL/dh_t (or nothing, with no rows)."""
         c = self.compiled
         plan = c.plan
         S, XW, SV = forward_values
@@ -317,7 +322,7 @@ class CompiledLayer(TensorTupleOp):
         dXe = make("dx", 0, (T, B, F)) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
         _, backward = c.kernels(dtype)
         with _step_threads(c, "backward", MT, B, T):
-            dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype))
+            dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype), GF)
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows
         rows = T * B
         x2 = x.reshape(rows, F)

@@ -576,6 +576,8 @@ class Recurrent(_Recurrent):
         recompute_every: k (a positive int) runs the compiled forward in pieces of k steps and keeps only
             each piece's initial states for backward, which runs each piece again (memory O(seq_len/k + k)
             steps instead of O(seq_len); results equal to rounding); the reference path ignores it.
+        record_grad_flow: as RNN's (`grad_flow`, (num_layers, seq_len) of ||dL/dh_t|| after each backward),
+            on both paths; the compiled backward computes the norms in its loop.
     Shapes: X (seq_len, bs, input_size), state None (zeros) or (num_layers, bs, hidden_size) (a tuple of
         num_states such Tensors for several states), lengths (bs,) or None -> (output (seq_len, bs,
         hidden_size), the last layer's h_t, zero past each sequence's length; state_n in state's form).
@@ -589,7 +591,7 @@ class Recurrent(_Recurrent):
     cells_name = "cells"
 
     def __init__(self, make_cell, input_size, num_layers=1, *, fused=None, batch_first=False, dropout=0.0,
-                 device=None, dtype="float32", recompute_every=None):
+                 device=None, dtype="float32", recompute_every=None, record_grad_flow=False):
         if not callable(make_cell):
             raise TypeError(f"Recurrent: make_cell must be callable, got {type(make_cell).__name__}")
         _check_sizes("Recurrent", input_size, 1, num_layers)
@@ -611,7 +613,8 @@ class Recurrent(_Recurrent):
 
         made = [first] + [make(self.hidden_size) for _ in range(num_layers - 1)]
         super().__init__(input_size, self.hidden_size, num_layers, device, dtype, False,
-                         lambda size: made.pop(0), batch_first, dropout, recompute_every=recompute_every)
+                         lambda size: made.pop(0), batch_first, dropout, recompute_every=recompute_every,
+                         record_grad_flow=record_grad_flow)
         self.fused = fused
         self._compiled = {}
         self._warned = False
@@ -665,8 +668,12 @@ class Recurrent(_Recurrent):
         from ..compiler.fused import CompiledLayer
         compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
         state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
-        result = CompiledLayer(compiled, lengths, self.recompute_every)(X, *state,
-                                                                        *compiled.parameters(cell)).tuple()
+        record = None
+        if recorder is not None:
+            def record(squares):
+                recorder.record_block(row, reverse, squares)
+        op = CompiledLayer(compiled, lengths, self.recompute_every, record)
+        result = op(X, *state, *compiled.parameters(cell)).tuple()
         return result[0], result[1:]
 
 

@@ -198,7 +198,8 @@ def run_needle(module, X, state, lengths, upstream, batch_first=False, dtype="fl
     o = out.numpy().transpose(1, 0, 2) if batch_first else out.numpy()
     gx = Xn.grad.numpy().transpose(1, 0, 2) if batch_first else Xn.grad.numpy()
     gs = [] if state is None else [s.grad.numpy() for s in (st if isinstance(st, tuple) else (st,))]
-    gp = [v.grad.numpy() for cell in module.cells for v in vars(cell).values() if isinstance(v, ndl.Tensor)]
+    cells = list(module.cells) + list(getattr(module, "cells_reverse", None) or [])
+    gp = [v.grad.numpy() for cell in cells for v in vars(cell).values() if isinstance(v, ndl.Tensor)]
     return [o] + [f.numpy() for f in fin] + [gx] + gs + gp
 
 
@@ -359,6 +360,50 @@ def test_grad_flow_of_lstm_cells_equals_nn_lstm():
     layer.n_states, layer.cells = 2, layer.lstm_cells
     run_needle(layer, X, None, lengths, up)
     np.testing.assert_allclose(module.grad_flow, layer.grad_flow, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_bidirectional_builtin_cells_equal_builtin_layers(kind):
+    """Bidirectional nn.Recurrent of the built-in cells equals the bidirectional built-in layer with the same
+    cells (forward and reverse), with lengths."""
+    layer = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind](5, H, 2, bidirectional=True)
+    name = {"rnn": "rnn_cells", "lstm": "lstm_cells", "gru": "gru_cells"}[kind]
+    forward_cells, reverse_cells = getattr(layer, name), getattr(layer, name + "_reverse")
+    made = [forward_cells[0], forward_cells[1], reverse_cells[0], reverse_cells[1]]   # the order asked
+    module = nn.Recurrent(lambda n: made.pop(0), 5, 2, fused=True, bidirectional=True)
+    assert module.cells == forward_cells and module.cells_reverse == reverse_cells
+    X, up = np.random.randn(9, 4, 5).astype(np.float32), np.random.randn(9, 4, 2 * H)
+    state = [np.random.randn(4, 4, H).astype(np.float32) for _ in range(module.n_states)]
+    lengths = np.array([9, 3, 7, 1])
+    got = run_needle(module, X, state, lengths, up)
+    module.fused = False
+    reference = run_needle(module, X, state, lengths, up)
+    layer.n_states, layer.cells, layer.cells_reverse = module.n_states, forward_cells, reverse_cells
+    want = run_needle(layer, X, state, lengths, up)
+    assert len(got) == len(reference) == len(want) == 2 + 2 * module.n_states + 4 * len(forward_cells[0].parameters())
+    for a, r, b in zip(got, reference, want):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(r, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_bidirectional_custom_cell_with_every_option(with_lengths):
+    """A custom cell, bidirectional, 2 layers, lengths, recompute_every and record_grad_flow: compiled ==
+    reference path (float64), grad_flow included."""
+    T, B = 10, 4
+    module = nn.Recurrent(lambda n: CIFGCell(n, H, dtype="float64"), 5, 2, fused=True, dtype="float64",
+                          bidirectional=True, recompute_every=3, record_grad_flow=True, batch_first=True)
+    X, up = np.random.randn(T, B, 5), np.random.randn(T, B, 2 * H)
+    state = [np.random.randn(4, B, H) for _ in range(2)]
+    lengths = np.array([4, 10, 1, 7]) if with_lengths else None
+    got = run_needle(module, X, state, lengths, up, batch_first=True, dtype="float64")
+    flow = module.grad_flow
+    module.fused = False
+    want = run_needle(module, X, state, lengths, up, batch_first=True, dtype="float64")
+    assert flow.shape == (4, T)
+    np.testing.assert_allclose(flow, module.grad_flow, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_two_thousand_steps_train():

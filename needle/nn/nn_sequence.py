@@ -346,6 +346,10 @@ class _Recurrent(Module):
         """Whether this call takes the fused path."""
         return self.fused and ops.has_fused_kernels(X.device, self.kind)
 
+    def _pairs_side_by_side(self, X):
+        """Whether a fused bidirectional layer runs as one op with both directions' loops side by side."""
+        return ops.has_phased_kernels(X.device, self.kind)
+
     def _zeros_state(self, bs, like):
         zeros = init.zeros(bs, self.hidden_size, device=like.device, dtype=like.dtype)
         return (zeros,) * self.n_states
@@ -392,7 +396,7 @@ class _Recurrent(Module):
         bidirectional layer is one op that runs both directions' loops side by side."""
         finals = []
         directions = 2 if self.bidirectional else 1
-        pairs = fused and directions == 2 and ops.has_phased_kernels(X.device, self.kind)
+        pairs = fused and directions == 2 and self._pairs_side_by_side(X)
         for layer in range(self.num_layers):
             if pairs:
                 X, pair_finals = self._run_fused_pair(self._layer_cells(layer), X, states[2 * layer:2 * layer + 2],
@@ -566,13 +570,15 @@ class Recurrent(_Recurrent):
     GEMMs and everything between them in compiled loops, each weight gradient one GEMM after the loop).
 
     Args:
-        make_cell: called as make_cell(in_features) once per layer (input_size for layer 0, hidden_size
-            after it); every layer's cell must have the same hidden_size and num_states.
+        make_cell: called as make_cell(in_features) once per layer and direction (input_size for layer 0,
+            D * hidden_size after it); every cell must have the same hidden_size and num_states.
         input_size: features of X. num_layers: default 1.
         fused: None (default) compiles the cell when it can, else takes the reference path with one warning
             naming what stopped it; True requires compilation (ValueError otherwise); False always takes the
             reference path. NEEDLE_FUSED=0 makes None mean False. Changeable at any time.
         batch_first, dropout: as RNN's. device, dtype: where X is expected (default cpu, "float32").
+        bidirectional: as RNN's (D = 2; reverse cells in `cells_reverse`; the compiled path runs the two
+            directions one after the other).
         recompute_every: k (a positive int) runs the compiled forward in pieces of k steps and keeps only
             each piece's initial states for backward, which runs each piece again (memory O(seq_len/k + k)
             steps instead of O(seq_len); results equal to rounding); the reference path ignores it.
@@ -591,7 +597,7 @@ class Recurrent(_Recurrent):
     cells_name = "cells"
 
     def __init__(self, make_cell, input_size, num_layers=1, *, fused=None, batch_first=False, dropout=0.0,
-                 device=None, dtype="float32", recompute_every=None, record_grad_flow=False):
+                 device=None, dtype="float32", bidirectional=False, recompute_every=None, record_grad_flow=False):
         if not callable(make_cell):
             raise TypeError(f"Recurrent: make_cell must be callable, got {type(make_cell).__name__}")
         _check_sizes("Recurrent", input_size, 1, num_layers)
@@ -611,10 +617,13 @@ class Recurrent(_Recurrent):
                                  f"num_states {got[1]}")
             return cell
 
-        made = [first] + [make(self.hidden_size) for _ in range(num_layers - 1)]
-        super().__init__(input_size, self.hidden_size, num_layers, device, dtype, False,
-                         lambda size: made.pop(0), batch_first, dropout, recompute_every=recompute_every,
-                         record_grad_flow=record_grad_flow)
+        unused = [first]   # layer 0's forward cell, made above; the base class asks for it first
+
+        def build(size):
+            return unused.pop() if unused else make(size)
+
+        super().__init__(input_size, self.hidden_size, num_layers, device, dtype, False, build, batch_first,
+                         dropout, bidirectional, recompute_every, record_grad_flow)
         self.fused = fused
         self._compiled = {}
         self._warned = False
@@ -633,9 +642,9 @@ class Recurrent(_Recurrent):
                 raise Unsupported(f"a device without compiled kernels ({X.device!r})")
             if gemm(X.dtype) is None:
                 raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
-            self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else
-                                                                 self.hidden_size)
-                                  for layer, cell in enumerate(self.cells)}
+            width = (2 if self.bidirectional else 1) * self.hidden_size
+            self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else width)
+                                  for layer in range(self.num_layers) for cell in self._layer_cells(layer)}
             return True
         except Exception as error:
             from ..compiler.trace import Unsupported
@@ -649,6 +658,9 @@ class Recurrent(_Recurrent):
                 warnings.warn(f"Recurrent: the cell {type(self.cells[0]).__name__} uses {error.what}, which "
                               "a compiled step cannot run; taking the reference path", UserWarning, stacklevel=4)
             return False
+
+    def _pairs_side_by_side(self, X):
+        return False   # the two directions' compiled loops run one after the other
 
     def _compiled_cell(self, cell, in_features):
         """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""

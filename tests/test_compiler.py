@@ -406,6 +406,36 @@ def test_bidirectional_custom_cell_with_every_option(with_lengths):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_bidirectional_loops_side_by_side_equal_one_after_the_other(monkeypatch):
+    """A compiled bidirectional layer is one op whose two loops run on two threads (where needle has two):
+    the same results as the directions one after the other."""
+    import threading
+    from needle.backend_ndarray.parallel_numpy import num_threads
+    from needle.compiler.fused import CompiledLayer
+    T, B, hidden = 12, 16, 64                   # a step's work (B x 3 x hidden) is enough to go side by side
+    rng = np.random.default_rng(5)
+    module = nn.Recurrent(lambda n: CIFGCell(n, hidden, dtype="float64"), 5, 2, fused=True, dtype="float64",
+                          bidirectional=True, record_grad_flow=True)
+    X, up = rng.standard_normal((T, B, 5)), rng.standard_normal((T, B, 2 * hidden))
+    lengths = rng.integers(1, T + 1, B)
+    threads, run_forward = set(), CompiledLayer._run_forward
+
+    def spy(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return run_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompiledLayer, "_run_forward", spy)
+    together = run_needle(module, X, None, lengths, up, dtype="float64")
+    flow = module.grad_flow
+    if num_threads() > 1:
+        assert any(name.startswith("needle") for name in threads)   # one loop ran on needle's worker
+    monkeypatch.setattr(type(module), "_pairs_side_by_side", lambda self, X: False)
+    apart = run_needle(module, X, None, lengths, up, dtype="float64")
+    np.testing.assert_allclose(flow, module.grad_flow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(together, apart):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_two_thousand_steps_train():
     module = nn.Recurrent(lambda n: CIFGCell(n, 8), 3, 1, fused=True)
     X = ndl.Tensor(np.random.randn(2000, 2, 3) * 0.5)

@@ -158,10 +158,11 @@ class _ThreadChoice:
 class _step_threads:
     """Runs a kernel call on the BLAS threads its _ThreadChoice picks, and times it for that choice."""
 
-    def __init__(self, compiled, which, M, B, T):
+    def __init__(self, compiled, which, M, B, T, side_by_side=False):
         from ..backend_ndarray.parallel_numpy import _blas, num_threads
         work = B * max((m.shape[0] * m.shape[1] for m in M), default=0)
-        self.blas = _blas()
+        # a phased run (run_phased, beside another loop): the BLAS threads are run_phased's to set
+        self.blas = None if side_by_side else _blas()
         self.choice, self.record, self.steps = 1, None, max(T, 1)
         if self.blas and num_threads() > 1 and work >= _ONE_THREAD_BELOW:
             chooser = compiled.thread_choices.setdefault((which, B, M[0].dtype.char if M else ""),
@@ -185,15 +186,29 @@ def _c(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def _drain(phases):
+    """Run a generator of phases (see CompiledLayer.forward_arrays) to its end; its return value."""
+    while True:
+        try:
+            next(phases)
+        except StopIteration as done:
+            return done.value
+
+
 class CompiledLayer(TensorTupleOp):
-    """One layer of a compiled cell over a whole sequence; see the module docstring."""
+    """One layer of a compiled cell over a whole sequence; see the module docstring. Beside compute and
+    gradient it offers forward_arrays and backward_arrays as the hand-written layers of ops_recurrent do, so
+    that ops.BidirectionalLayer runs two of them with their loops side by side."""
     name = "Recurrent"
 
     def __init__(self, compiled, lengths=None, recompute_every=None, record=None):
         self.compiled, self.lengths, self.every, self.record = compiled, lengths, recompute_every, record
+        self.n_states = compiled.trace.num_states
+        H = compiled.trace.hidden_size
+        self.gates = max(1, sum(compiled.plan.widths[i] for i in compiled.plan.mm) // H)   # a step's work / H
         self.saved = None
 
-    def _run_forward(self, x, states, M, P, nbs):
+    def _run_forward(self, x, states, M, P, nbs, side_by_side=False):
         """The forward kernel over x (T, B, F) from `states`: (S, XW, SV), every state of every step, the
         hoisted products and the saved values."""
         c = self.compiled
@@ -211,7 +226,7 @@ class CompiledLayer(TensorTupleOp):
         for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
             np.dot(x2, M[plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
         forward, _ = c.kernels(dtype)
-        with _step_threads(c, "forward", M, B, T):
+        with _step_threads(c, "forward", M, B, T, side_by_side):
             forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
         return S, XW, SV
 
@@ -221,10 +236,25 @@ class CompiledLayer(TensorTupleOp):
         return [(t0, min(t0 + every, T)) for t0 in range(0, T, every)]
 
     def compute(self, X, *args):
+        return tuple(NDArray.from_xp(a, X.device) for a in self.forward_arrays(X.device, X.numpy(), args))
+
+    def gradient(self, out_grad, node):
+        device = node.inputs[0].device
+        grads = self.backward_arrays(device, [g.numpy() for g in out_grad.cached_data])
+        return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in grads)
+
+    def forward_arrays(self, device, X, args, phased=False):
+        """(Y, *final_states) as numpy arrays for X (T, B, F) and args (the NDArrays of the states, matrices and
+        vectors); keeps what backward needs. phased: a generator instead that yields just before and just after
+        the loops and returns them (for run_phased)."""
+        phases = self._forward_phases(X, args, phased)
+        return phases if phased else _drain(phases)
+
+    def _forward_phases(self, X, args, side_by_side):
         c = self.compiled
-        n = c.trace.num_states
+        n = self.n_states
         dtype = X.dtype
-        x = _c(X.numpy(), dtype)
+        x = _c(X, dtype)
         T, B, _ = x.shape
         states = [_c(a.numpy(), dtype) for a in args[:n]]
         n_mat = len(c.trace.matrices)
@@ -236,8 +266,9 @@ class CompiledLayer(TensorTupleOp):
             nbs = (self.lengths[None, :] > np.arange(T)[:, None]).sum(axis=1).astype(np.int64)
         segments = self._segments(T)
         rows = np.arange(B)
+        yield
         if len(segments) == 1:
-            S, XW, SV = self._run_forward(x, states, M, P, nbs)
+            S, XW, SV = self._run_forward(x, states, M, P, nbs, side_by_side)
             self.saved = (x, S, XW, SV, M, P, nbs)
             Y = S[0][1:]
             finals = [S[k][T] for k in range(n)] if self.lengths is None else \
@@ -248,7 +279,7 @@ class CompiledLayer(TensorTupleOp):
             starts, finals = [], [np.zeros_like(s) for s in states]
             for t0, t1 in segments:
                 starts.append(states if t0 else [a.copy() for a in states])
-                S, _, _ = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1])
+                S, _, _ = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1], side_by_side)
                 Y[t0:t1] = S[0][1:]
                 states = [S[k][t1 - t0].copy() for k in range(n)]
                 if self.lengths is not None:   # sequences that end in this piece: their final states
@@ -258,8 +289,8 @@ class CompiledLayer(TensorTupleOp):
             if self.lengths is None:
                 finals = states
             self.saved = (x, starts, M, P, nbs)
-        device = X.device
-        return (NDArray.from_xp(Y, device),) + tuple(NDArray.from_xp(f, device) for f in finals)
+        yield
+        return (Y, *finals)
 
     @staticmethod
     def _operand(where, x2, S, SV, T):
@@ -271,37 +302,41 @@ class CompiledLayer(TensorTupleOp):
             return S[k][first:first + T].reshape(x2.shape[0], -1)
         return SV[where[1]].reshape(x2.shape[0], -1)
 
-    def gradient(self, out_grad, node):
-        c = self.compiled
+    def backward_arrays(self, device, upstream, phased=False):
+        """(dX, *initial state gradients, *matrix gradients, *vector gradients) as numpy arrays for the
+        upstream gradients (dY, *final_state_gradients); phased as in forward_arrays."""
+        phases = self._backward_phases(upstream, phased)
+        return phases if phased else _drain(phases)
+
+    def _backward_phases(self, upstream, side_by_side):
         x, M, P, nbs = self.saved[0], self.saved[-3], self.saved[-2], self.saved[-1]
         dtype = x.dtype
         T, B, F = x.shape
-        grads = [g.numpy() for g in out_grad.cached_data]
-        dY = _c(grads[0], dtype)
-        C = tuple(np.array(g, dtype=dtype, order="C") for g in grads[1:])
+        dY = _c(upstream[0], dtype)
+        C = tuple(np.array(g, dtype=dtype, order="C") for g in upstream[1:])
         dP = tuple(np.zeros_like(p) for p in P)
         MT = tuple(np.ascontiguousarray(m.T) for m in M)
         dM = [None] * len(M)
         GF = np.zeros((T if self.record is not None else 0, B))   # squared norms of dL/dh_t, if recorded
         segments = self._segments(T)
+        yield
         if len(segments) == 1:
-            dX, dS0 = self._backward_piece(x, self.saved[1:4], MT, P, nbs, dY, C, dP, dM, GF)
+            dX, dS0 = self._backward_piece(x, self.saved[1:4], MT, P, nbs, dY, C, dP, dM, GF, side_by_side)
         else:   # piece by piece from the last: run its forward again from its kept states, then its backward
             dX = np.empty((T, B, F), dtype)
             for (t0, t1), states in zip(reversed(segments), reversed(self.saved[1])):
-                piece = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1])
+                piece = self._run_forward(x[t0:t1], states, M, P, nbs[t0:t1], side_by_side)
                 dX[t0:t1], C = self._backward_piece(x[t0:t1], piece, MT, P, nbs[t0:t1], dY[t0:t1], C, dP, dM,
-                                                    GF[t0:t1])
+                                                    GF[t0:t1], side_by_side)
             dS0 = C
+        yield
         self.saved = None
         if self.record is not None:
             self.record(GF)
         dM = [np.zeros_like(m) if g is None else g for m, g in zip(M, dM)]
-        device = node.inputs[0].device
-        out = [dX] + list(dS0) + dM + list(dP)
-        return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in out)
+        return (dX, *dS0, *dM, *dP)
 
-    def _backward_piece(self, x, forward_values, MT, P, nbs, dY, C, dP, dM, GF):
+    def _backward_piece(self, x, forward_values, MT, P, nbs, dY, C, dP, dM, GF, side_by_side):
         """The backward kernel over x's steps, given the state gradients C after them: (dX, the state
         gradients before them); dP and dM (None or arrays) gather the parameters' gradients, GF (steps, B)
         the squared norms of dL/dh_t (or nothing, with no rows)."""
@@ -321,7 +356,7 @@ class CompiledLayer(TensorTupleOp):
                    for q, i in enumerate(plan.mm))
         dXe = make("dx", 0, (T, B, F)) if plan.has_dx_direct else np.zeros((1, 1, 1), dtype)
         _, backward = c.kernels(dtype)
-        with _step_threads(c, "backward", MT, B, T):
+        with _step_threads(c, "backward", MT, B, T, side_by_side):
             dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype), GF)
         # after the loop, every weight gradient and dX as one GEMM over all T*B rows
         rows = T * B

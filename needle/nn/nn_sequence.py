@@ -577,8 +577,8 @@ class Recurrent(_Recurrent):
             naming what stopped it; True requires compilation (ValueError otherwise); False always takes the
             reference path. NEEDLE_FUSED=0 makes None mean False. Changeable at any time.
         batch_first, dropout: as RNN's. device, dtype: where X is expected (default cpu, "float32").
-        bidirectional: as RNN's (D = 2; reverse cells in `cells_reverse`; the compiled path runs the two
-            directions one after the other).
+        bidirectional: as RNN's (D = 2; reverse cells in `cells_reverse`; the compiled path runs a layer's
+            two directions as one op, their loops side by side on two threads as RNN's fused path does).
         recompute_every: k (a positive int) runs the compiled forward in pieces of k steps and keeps only
             each piece's initial states for backward, which runs each piece again (memory O(seq_len/k + k)
             steps instead of O(seq_len); results equal to rounding); the reference path ignores it.
@@ -660,7 +660,16 @@ class Recurrent(_Recurrent):
             return False
 
     def _pairs_side_by_side(self, X):
-        return False   # the two directions' compiled loops run one after the other
+        return X.device.kernel("run_phased") is not None
+
+    def _run_fused_pair(self, cells, X, states, lengths, recorder, row):
+        """Both directions' compiled layers as one op (ops.bidirectional_layer), loops side by side."""
+        parts = [self._compiled_layer(cell, X, state, lengths, recorder, row + d, d == 1)
+                 for d, (cell, state) in enumerate(zip(cells, states))]
+        (forward, forward_inputs), (reverse, reverse_inputs) = parts
+        result = ops.bidirectional_layer(X, forward, forward_inputs, reverse, reverse_inputs, lengths).tuple()
+        n = self.n_states
+        return result[0], [result[1:1 + n], result[1 + n:]]
 
     def _compiled_cell(self, cell, in_features):
         """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
@@ -676,7 +685,8 @@ class Recurrent(_Recurrent):
             self._compiled[id(cell)] = known
         return known[1]
 
-    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+    def _compiled_layer(self, cell, X, state, lengths, recorder, row, reverse):
+        """(the CompiledLayer op of one layer and direction, its inputs after X)."""
         from ..compiler.fused import CompiledLayer
         compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
         state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
@@ -685,7 +695,11 @@ class Recurrent(_Recurrent):
             def record(squares):
                 recorder.record_block(row, reverse, squares)
         op = CompiledLayer(compiled, lengths, self.recompute_every, record)
-        result = op(X, *state, *compiled.parameters(cell)).tuple()
+        return op, state + tuple(compiled.parameters(cell))
+
+    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
+        op, inputs = self._compiled_layer(cell, X, state, lengths, recorder, row, reverse)
+        result = op(X, *inputs).tuple()
         return result[0], result[1:]
 
 

@@ -115,9 +115,12 @@ class _Retargeted:
 # calls on one thread and on all, runs the faster, and tries the other again after _RETRY calls (twice as
 # long after each retry that changes nothing, up to _RETRY_MAX; at once when the one it runs gets slower than
 # the other was), so that it follows the machine's load at little cost. Threads change no result. Steps
-# below _ONE_THREAD_BELOW multiply-adds (tiny cells) always run on one thread; NEEDLE_STEP_GEMM_ONE_THREAD
-# sets that bound (0: always measure; a huge value: always one thread).
+# below _ONE_THREAD_BELOW multiply-adds (tiny cells) always run on one thread, NEEDLE_STEP_GEMM_ONE_THREAD
+# sets that bound (0: always measure; a huge value: always one thread); products from _ALL_THREADS_FROM on
+# (hidden 1024 at batch 64: 268M) always run on all, where the probing calls on one thread cost more than
+# any wake-up (a layer-normalised LSTM there: 2.98 s a step with probing in a short run, 2.51 s without).
 _ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 2 ** 20))
+_ALL_THREADS_FROM = 64 * 2 ** 20
 _RETRY, _RETRY_MAX = 16, 128
 
 
@@ -164,7 +167,9 @@ class _step_threads:
         # a phased run (run_phased, beside another loop): the BLAS threads are run_phased's to set
         self.blas = None if side_by_side else _blas()
         self.choice, self.record, self.steps = 1, None, max(T, 1)
-        if self.blas and num_threads() > 1 and work >= _ONE_THREAD_BELOW:
+        if work >= max(_ALL_THREADS_FROM, _ONE_THREAD_BELOW):
+            self.choice = 0
+        elif self.blas and num_threads() > 1 and work >= _ONE_THREAD_BELOW:
             chooser = compiled.thread_choices.setdefault((which, B, M[0].dtype.char if M else ""),
                                                          _ThreadChoice())
             self.choice, self.record = chooser.pick(), chooser.record

@@ -582,11 +582,11 @@ class Recurrent(_Recurrent):
         recompute_every: k (a positive int) runs the compiled forward in pieces of k steps and keeps only
             each piece's initial states for backward, which runs each piece again (memory O(seq_len/k + k)
             steps instead of O(seq_len); results equal to rounding); the reference path ignores it.
-        record_grad_flow: as RNN's (`grad_flow`, (num_layers, seq_len) of ||dL/dh_t|| after each backward),
-            on both paths; the compiled backward computes the norms in its loop.
-    Shapes: X (seq_len, bs, input_size), state None (zeros) or (num_layers, bs, hidden_size) (a tuple of
+        record_grad_flow: as RNN's (`grad_flow`, (num_layers * D, seq_len) of ||dL/dh_t|| after each
+            backward), on both paths; the compiled backward computes the norms in its loop.
+    Shapes: X (seq_len, bs, input_size), state None (zeros) or (num_layers * D, bs, hidden_size) (a tuple of
         num_states such Tensors for several states), lengths (bs,) or None -> (output (seq_len, bs,
-        hidden_size), the last layer's h_t, zero past each sequence's length; state_n in state's form).
+        D * hidden_size), the last layer's h_t, zero past each sequence's length; state_n in state's form).
 
     >>> import needle as ndl, numpy as np
     >>> rnn = ndl.nn.Recurrent(lambda n: ndl.nn.GRUCell(n, 6), input_size=4, num_layers=2)

@@ -66,8 +66,8 @@ def main():
     if args.bidirectional:
         setups = ["hand-bi", "compiled-bi", "compiled-bi-in-turn", "compiled-uni"]
     print(f"# {os.cpu_count()} cores; each setup in its own process, {args.rounds} rounds, ms a training step")
-    print(f"{'kind':<6}{'workload':<9}" + "".join(f"{s:>18}" for s in setups) +
-          "".join(f"{s + '/hand':>24}" for s in setups[1:]))
+    ratios = [s + "/" + setups[0] for s in setups[1:]]
+    print(f"{'kind':<6}{'workload':<9}" + "".join(f"{s:>{len(s) + 2}}" for s in setups + ratios))
     for kind in args.kinds:
         for workload in args.workloads:
             times = {s: [] for s in setups}
@@ -77,8 +77,9 @@ def main():
                                            "--steps", str(args.steps)], capture_output=True, text=True, check=True)
                     times[setup].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             ms = {s: statistics.median(v) for s, v in times.items()}
-            print(f"{kind:<6}{workload:<9}" + "".join(f"{ms[s]:>18.2f}" for s in setups) +
-                  "".join(f"{ms[s] / ms[setups[0]]:>24.2f}" for s in setups[1:]), flush=True)
+            print(f"{kind:<6}{workload:<9}" + "".join(f"{ms[s]:>{len(s) + 2}.2f}" for s in setups) +
+                  "".join(f"{ms[s] / ms[setups[0]]:>{len(r) + 2}.2f}" for s, r in zip(setups[1:], ratios)),
+                  flush=True)
 
 
 if __name__ == "__main__":

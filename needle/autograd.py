@@ -329,20 +329,25 @@ class Tensor(Value):
     __hash__ = object.__hash__
 
 
-def _topo_order(output):
-    """Nodes that `output` depends on, inputs before the nodes that use them (iterative DFS)."""
-    order, visited = [], {id(output)}
-    stack = [(output, iter(output.inputs))]
-    while stack:
-        node, children = stack[-1]
-        for child in children:
-            if id(child) not in visited and child.requires_grad:
-                visited.add(id(child))
-                stack.append((child, iter(child.inputs)))
-                break
-        else:
-            stack.pop()
-            order.append(node)
+def _topo_order(outputs, every_input=False):
+    """Nodes that `outputs` (a value or a list) depend on, inputs before the nodes that use them (iterative
+    DFS); only nodes that need a gradient, unless every_input (the cell tracer wants every one)."""
+    order, visited = [], set()
+    for output in outputs if isinstance(outputs, list) else [outputs]:
+        if id(output) in visited:
+            continue
+        visited.add(id(output))
+        stack = [(output, iter(output.inputs))]
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if id(child) not in visited and (every_input or child.requires_grad):
+                    visited.add(id(child))
+                    stack.append((child, iter(child.inputs)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
     return order
 
 

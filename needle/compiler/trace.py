@@ -123,27 +123,6 @@ def _trace_batch(in_features, hidden_size, found):
     return next(b for b in range(2, 10 ** 6) if b not in dims)
 
 
-def _topo(outputs):
-    """All values the outputs depend on (every input, not only those that need a gradient), inputs first."""
-    order, seen = [], set()
-    for out in outputs:
-        if id(out) in seen:
-            continue
-        seen.add(id(out))
-        stack = [(out, iter(out.inputs))]
-        while stack:
-            node, children = stack[-1]
-            for child in children:
-                if id(child) not in seen:
-                    seen.add(id(child))
-                    stack.append((child, iter(child.inputs)))
-                    break
-            else:
-                stack.pop()
-                order.append(node)
-    return order
-
-
 def trace_cell(cell, in_features):
     """Trace `cell` (with `hidden_size` and `num_states`) for inputs of `in_features` features."""
     hidden, n_states = cell.hidden_size, getattr(cell, "num_states", 1)
@@ -164,7 +143,7 @@ def trace_cell(cell, in_features):
     if len(outs) != n_states or not all(isinstance(o, Tensor) and o.shape == (batch, hidden) for o in outs):
         raise Unsupported(f"a cell whose forward returns {n_states} state(s) of shape (bs, {hidden})")
     reader = _Reader(batch, X, states, proxies)
-    for value in _topo(outs):
+    for value in autograd._topo_order(outs, every_input=True):   # every input, not only gradient-needing
         reader.visit(value)
     outputs = []
     for o in outs:

@@ -116,10 +116,13 @@ class _Retargeted:
 # long after each retry that changes nothing, up to _RETRY_MAX; at once when the one it runs gets slower than
 # the other was), so that it follows the machine's load at little cost. Threads change no result. Steps
 # below _ONE_THREAD_BELOW multiply-adds (tiny cells) always run on one thread, NEEDLE_STEP_GEMM_ONE_THREAD
-# sets that bound (0: always measure; a huge value: always one thread); products from _ALL_THREADS_FROM on
+# sets that bound (0: always measure; a huge value: always one thread); below _BLAS_ALONE_BELOW OpenBLAS
+# itself runs a product on one thread (measured: (32, 64) @ (64, 128) 5.2 us either way, (20, 128) @
+# (128, 512) 25 us on two threads, 34 on one), so nothing is set there; products from _ALL_THREADS_FROM on
 # (hidden 1024 at batch 64: 268M) always run on all, where the probing calls on one thread cost more than
 # any wake-up (a layer-normalised LSTM there: 2.98 s a step with probing in a short run, 2.51 s without).
-_ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 2 ** 20))
+_ONE_THREAD_BELOW = int(os.environ.get("NEEDLE_STEP_GEMM_ONE_THREAD", 2 ** 18))
+_BLAS_ALONE_BELOW = 2 ** 18
 _ALL_THREADS_FROM = 64 * 2 ** 20
 _RETRY, _RETRY_MAX = 16, 128
 
@@ -169,6 +172,8 @@ class _step_threads:
         self.choice, self.record, self.steps = 1, None, max(T, 1)
         if work >= max(_ALL_THREADS_FROM, _ONE_THREAD_BELOW):
             self.choice = 0
+        elif work < min(_BLAS_ALONE_BELOW, _ONE_THREAD_BELOW):
+            self.blas = None    # one thread without asking: no limit to set and restore (5 us a call)
         elif self.blas and num_threads() > 1 and work >= _ONE_THREAD_BELOW:
             chooser = compiled.thread_choices.setdefault((which, B, M[0].dtype.char if M else ""),
                                                          _ThreadChoice())

@@ -322,15 +322,15 @@ def test_unknown_nonlinearity():
         nn.RNNCell(3, 4, nonlinearity="gelu")
 
 
-def test_embedding_matches_torch():
-    emb = nn.Embedding(10, 4)
+def test_embedding_matches_torch(device):
+    emb = nn.Embedding(10, 4, device=device)
     temb = torch.nn.Embedding(10, 4).double()
     temb.weight.data = torch.tensor(emb.weight.numpy().astype(np.float64))
-    idx = np.array([[1, 2, 1], [9, 0, 1]])
-    out = emb(ndl.Tensor(idx, requires_grad=False))
+    idx = np.array([[1, 2, 1], [9, 0, 1]])   # row 1 three times: its gradient is the sum of three
+    out = emb(ndl.Tensor(idx, device=device, requires_grad=False))
     tout = temb(torch.tensor(idx))
     g = np.random.randn(2, 3, 4)
-    (out * ndl.Tensor(g)).sum().backward()
+    (out * ndl.Tensor(g, device=device)).sum().backward()
     (tout * torch.tensor(g)).sum().backward()
     assert out.shape == (2, 3, 4)
     np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-6)

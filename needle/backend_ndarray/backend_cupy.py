@@ -2,7 +2,8 @@
 
 Importing this module fails without CuPy, and `enabled()` is False without a GPU; `nd.cuda()` turns either
 into a disabled device. It has no fused recurrent kernels yet, so RNN, LSTM and GRU run their reference
-path on cuda. Not yet run on a GPU: this project's CI has none.
+path on cuda. Run on an NVIDIA H200 (CuPy 14.2) on 2026-12-04, where the tests' cuda cases pass; this
+project's CI has no GPU.
 """
 import cupy
 import numpy

@@ -207,6 +207,12 @@ class _GradFlow:
             self.squares[row] = squares
         self._mark(row, reverse)
 
+    def block_recorder(self, row, reverse):
+        """A fused op's callback: (seq_len, bs) squared norms of `row`, in processing order."""
+        def record(squares):
+            self.record_block(row, reverse, squares)
+        return record
+
     def step_recorder(self, row, step, reverse):
         """A probe's callback: (bs,) squared norms of processing step `step` of `row`."""
         def record(squares):
@@ -426,10 +432,7 @@ class _Recurrent(Module):
 
     def _fused_parts(self, cell, X, state, lengths, recorder, row, reverse):
         """(the fused op of one layer and direction, its inputs after X)."""
-        record = None
-        if recorder is not None:
-            def record(squares):
-                recorder.record_block(row, reverse, squares)
+        record = recorder.block_recorder(row, reverse) if recorder is not None else None
         weights = (cell.W_ih, cell.W_hh) + (() if cell.bias_ih is None else (cell.bias_ih, cell.bias_hh))
         op = self._layer_op(cell, cell.bias_ih is not None, lengths=lengths, recompute_every=self.recompute_every,
                             record=record)
@@ -662,15 +665,6 @@ class Recurrent(_Recurrent):
     def _pairs_side_by_side(self, X):
         return X.device.kernel("run_phased") is not None
 
-    def _run_fused_pair(self, cells, X, states, lengths, recorder, row):
-        """Both directions' compiled layers as one op (ops.bidirectional_layer), loops side by side."""
-        parts = [self._compiled_layer(cell, X, state, lengths, recorder, row + d, d == 1)
-                 for d, (cell, state) in enumerate(zip(cells, states))]
-        (forward, forward_inputs), (reverse, reverse_inputs) = parts
-        result = ops.bidirectional_layer(X, forward, forward_inputs, reverse, reverse_inputs, lengths).tuple()
-        n = self.n_states
-        return result[0], [result[1:1 + n], result[1 + n:]]
-
     def _compiled_cell(self, cell, in_features):
         """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
         from ..compiler.fused import compile_cell
@@ -685,22 +679,15 @@ class Recurrent(_Recurrent):
             self._compiled[id(cell)] = known
         return known[1]
 
-    def _compiled_layer(self, cell, X, state, lengths, recorder, row, reverse):
-        """(the CompiledLayer op of one layer and direction, its inputs after X)."""
+    def _fused_parts(self, cell, X, state, lengths, recorder, row, reverse):
+        """(the CompiledLayer op of one layer and direction, its inputs after X): the base class runs it
+        alone or, for a bidirectional layer, beside the other direction's (ops.bidirectional_layer)."""
         from ..compiler.fused import CompiledLayer
         compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
         state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
-        record = None
-        if recorder is not None:
-            def record(squares):
-                recorder.record_block(row, reverse, squares)
+        record = recorder.block_recorder(row, reverse) if recorder is not None else None
         op = CompiledLayer(compiled, lengths, self.recompute_every, record)
         return op, state + tuple(compiled.parameters(cell))
-
-    def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
-        op, inputs = self._compiled_layer(cell, X, state, lengths, recorder, row, reverse)
-        result = op(X, *inputs).tuple()
-        return result[0], result[1:]
 
 
 class Embedding(Module):

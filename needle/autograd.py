@@ -118,8 +118,7 @@ class Value:
         for value in inputs:
             if not isinstance(value, Value):
                 raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
-            data = value.cached_data
-            device = data.device if type(data) is not tuple else (data[0].device if data else None)
+            device = _device_of(value.cached_data)
             if devices is None:
                 devices = device
             elif device is not devices and device is not None:  # rare: tell the user which devices
@@ -149,11 +148,14 @@ class Value:
 
 
 def _device_of(data):
-    return data[0].device if isinstance(data, tuple) else data.device
+    """The device of an NDArray or of a tuple's first NDArray; None for an empty tuple."""
+    if type(data) is tuple:
+        return data[0].device if data else None
+    return data.device
 
 
 def _check_same_device(op, inputs):
-    devices = [_device_of(v.cached_data) for v in inputs if not isinstance(v.cached_data, tuple) or v.cached_data]
+    devices = [d for d in (_device_of(v.cached_data) for v in inputs) if d is not None]
     if any(d != devices[0] for d in devices[1:]):  # a plain scan: this runs for every op
         names = ", ".join(sorted({repr(d) for d in devices}))
         raise ValueError(f"{op._name()}: all inputs must be on one device, got tensors on {names}")
@@ -364,9 +366,7 @@ def compute_gradient_of_variables(output, out_grad):
             op = node.op
             if op is None:
                 if node.requires_grad and isinstance(node, Tensor):
-                    previous = node.grad
-                    node.grad = grad.detach() if previous is None else Tensor.make_const(
-                        previous.realize_cached_data() + grad.realize_cached_data())
+                    node.grad = grad.detach() if node.grad is None else _summed(node.grad, grad)
                 continue
             if type(grad) is list:  # a TensorTuple's gradient, slots filled by tuple_get_item
                 grad = _tuple_grad(node, grad)
@@ -384,14 +384,18 @@ def compute_gradient_of_variables(output, out_grad):
                         _add_tuple_slot(grads, value, i, g)
                 else:
                     key = id(value)
-                    previous = grads.get(key)  # a second gradient: summed on the arrays, no op recorded
-                    grads[key] = value_grad if previous is None else Tensor.make_const(
-                        previous.realize_cached_data() + value_grad.realize_cached_data())
+                    previous = grads.get(key)
+                    grads[key] = value_grad if previous is None else _summed(previous, value_grad)
+
+
+def _summed(a, b):
+    """Two gradients of one value, summed on their arrays (no op recorded) as a constant Tensor."""
+    return Tensor.make_const(a.realize_cached_data() + b.realize_cached_data())
 
 
 def _add_tuple_slot(grads, tuple_value, index, grad):
     slots = grads.setdefault(id(tuple_value), [None] * len(tuple_value.cached_data))
-    slots[index] = grad if slots[index] is None else slots[index] + grad
+    slots[index] = grad if slots[index] is None else _summed(slots[index], grad)
 
 
 def _tuple_grad(node, slots):

@@ -370,13 +370,13 @@ class NDArray:
 
     # ---- arithmetic: broadcasting as numpy does
     def _ewise(self, other, ufunc, reflected=False):
-        if type(other) is NDArray:
-            b = other._view if other._view is not None else other.x
+        if isinstance(other, NDArray):
+            b = other.x
         elif isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
             b = other.item()
         else:
-            b = other.x if isinstance(other, NDArray) else other
-        a = self._view if self._view is not None else self.x
+            b = other
+        a = self.x
         if reflected:
             a, b = b, a
         device = self._device

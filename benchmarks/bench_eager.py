@@ -41,27 +41,39 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
+def _chain(x0, a, b):
+    """The chain workload, the same text for both frameworks."""
+    x = x0
+    for _ in range(CHAIN_N):
+        x = x * b + a
+    return x
+
+
+def _per_workload(chain, chain_no_grad, mlp_step, lstm_step, repeats):
+    """Median time of each workload's callable, in its unit (us an op or us a step)."""
+    out = {}
+    for name, fn, per in (("chain", chain, 2 * CHAIN_N), ("chain_no_grad", chain_no_grad, 2 * CHAIN_N),
+                          ("mlp", mlp_step, 1), ("lstm", lstm_step, 1)):
+        fn()
+        out[name] = _median_time(fn, repeats) / per * 1e6
+    return out
+
+
 def needle_round(repeats):
     import needle as ndl
     import numpy as np
     rng = np.random.default_rng(0)
-    out = {}
 
     a = ndl.Tensor(rng.standard_normal((20, 20), dtype=np.float32))
     b = ndl.Tensor(rng.standard_normal((20, 20), dtype=np.float32) * 0.5)
     x0 = ndl.Tensor(rng.standard_normal((20, 20), dtype=np.float32))
 
     def chain():
-        x = x0
-        for _ in range(CHAIN_N):
-            x = x * b + a
-        x.sum().backward()
+        _chain(x0, a, b).sum().backward()
 
     @ndl.no_grad()
     def chain_no_grad():
-        x = x0
-        for _ in range(CHAIN_N):
-            x = x * b + a
+        _chain(x0, a, b)
 
     batch, n_in, n_hidden, n_out = MLP
     mlp = ndl.nn.Sequential(ndl.nn.Linear(n_in, n_hidden), ndl.nn.ReLU(), ndl.nn.Linear(n_hidden, n_out))
@@ -84,18 +96,13 @@ def needle_round(repeats):
         lstm(S)[0].sum().backward()
         lstm_opt.step()
 
-    for name, fn, per in (("chain", chain, 2 * CHAIN_N), ("chain_no_grad", chain_no_grad, 2 * CHAIN_N),
-                          ("mlp", mlp_step, 1), ("lstm", lstm_step, 1)):
-        fn()
-        out[name] = _median_time(fn, repeats) / per * 1e6
-    return out
+    return _per_workload(chain, chain_no_grad, mlp_step, lstm_step, repeats)
 
 
 def torch_round(repeats):
     import torch
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    out = {}
 
     a, b, x0 = torch.randn(20, 20), torch.randn(20, 20) * 0.5, torch.randn(20, 20)
     x0.requires_grad_(True)
@@ -103,16 +110,11 @@ def torch_round(repeats):
     b.requires_grad_(True)
 
     def chain():
-        x = x0
-        for _ in range(CHAIN_N):
-            x = x * b + a
-        x.sum().backward()
+        _chain(x0, a, b).sum().backward()
 
     @torch.no_grad()
     def chain_no_grad():
-        x = x0
-        for _ in range(CHAIN_N):
-            x = x * b + a
+        _chain(x0, a, b)
 
     batch, n_in, n_hidden, n_out = MLP
     mlp = torch.nn.Sequential(torch.nn.Linear(n_in, n_hidden), torch.nn.ReLU(), torch.nn.Linear(n_hidden, n_out))
@@ -142,11 +144,7 @@ def torch_round(repeats):
         torch.stack(outputs).sum().backward()
         lstm_opt.step()
 
-    for name, fn, per in (("chain", chain, 2 * CHAIN_N), ("chain_no_grad", chain_no_grad, 2 * CHAIN_N),
-                          ("mlp", mlp_step, 1), ("lstm", lstm_step, 1)):
-        fn()
-        out[name] = _median_time(fn, repeats) / per * 1e6
-    return out
+    return _per_workload(chain, chain_no_grad, mlp_step, lstm_step, repeats)
 
 
 def run_child(framework, repeats):

@@ -259,14 +259,8 @@ def test_recompute_every_equals_whole_sequence(kind, with_lengths, every):
 
     from needle.compiler.fused import CompiledLayer
     out, _ = pieces(ndl.Tensor(X.transpose(1, 0, 2), dtype="float64"), None, lengths)
-    layers_seen, stack, seen = [], [out], set()
-    while stack:                                  # every layer's op, found by walking the graph back
-        node = stack.pop()
-        if id(node) not in seen:
-            seen.add(id(node))
-            if isinstance(node.op, CompiledLayer):
-                layers_seen.append(node.op)
-            stack.extend(node.inputs)
+    layers_seen = [node.op for node in ndl.autograd._topo_order(out, every_input=True)
+                   if isinstance(node.op, CompiledLayer)]   # every layer's op, found by walking the graph back
     assert len(layers_seen) == layers
     for op in layers_seen:
         if every < T:                             # x, each piece's initial states, M, P, nbs: no step arrays

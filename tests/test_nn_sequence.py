@@ -337,6 +337,24 @@ def test_embedding_matches_torch(device):
     np.testing.assert_allclose(emb.weight.grad.numpy(), temb.weight.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_embedding_gradient_without_the_backend_add_rows(monkeypatch):
+    """A backend without add_rows (CuPy's) scatters with xp.add.at: the same gradient as the cpu's kernel."""
+    idx = np.random.randint(0, 7, size=(30, 4))   # every row used many times
+    g = np.random.randn(30, 4, 3)
+    emb = nn.Embedding(7, 3)
+
+    def grad():
+        emb.weight.grad = None
+        (emb(ndl.Tensor(idx, requires_grad=False)) * ndl.Tensor(g)).sum().backward()
+        return emb.weight.grad.numpy()
+
+    with_kernel = grad()
+    monkeypatch.delattr(backend_numpy, "add_rows")
+    assert ndl.cpu().kernel("add_rows") is None
+    np.testing.assert_allclose(grad(), with_kernel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(with_kernel[:, 0], [g[idx == r][:, 0].sum() for r in range(7)], rtol=1e-5, atol=1e-5)
+
+
 def test_embedding_large_vocabulary_and_bad_indices():
     emb = nn.Embedding(10_000, 8)
     idx = np.random.randint(0, 10_000, size=(35, 20))

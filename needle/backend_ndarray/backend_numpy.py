@@ -6,8 +6,8 @@ module with `xp = cupy` and its own `view`, `from_numpy` and `to_numpy`.
 
 Optional entry points are looked up on the backend with a fallback, so a backend without them still runs
 every op: fused recurrent kernels (`rnn_forward`, `lstm_forward`, ..., and their phased forms, which
-`run_phased` runs side by side) and, here, big elementwise passes and reductions split over threads
-(`ewise`, `unary`, `reduce`, `for_rows`: parallel_numpy.py).
+`run_phased` runs side by side), here big elementwise passes and reductions split over threads
+(`ewise`, `unary`, `reduce`, `for_rows`: parallel_numpy.py), and `add_rows` for an embedding's gradient.
 """
 import numpy
 
@@ -17,6 +17,7 @@ from .recurrent_numpy import (gru_backward, gru_backward_phases, gru_forward, gr
                               rnn_backward_phases, rnn_forward, rnn_forward_phases)
 
 __all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
+           "add_rows",
            "rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "run_phased", "rnn_forward_phases", "rnn_backward_phases", "lstm_forward_phases", "lstm_backward_phases",
            "gru_forward_phases", "gru_backward_phases"]
@@ -48,3 +49,13 @@ def from_numpy(array):
 def to_numpy(array):
     """A numpy copy of a backend array (here: already numpy)."""
     return numpy.array(array)
+
+
+def add_rows(out, indices, rows):
+    """out[indices[i]] += rows[i] for every i, rows of repeated indices summed (xp.add.at's meaning).
+    Sorting the indices and summing each run of equal ones with one reduceat is faster than numpy's
+    unbuffered add.at scatter."""
+    order = xp.argsort(indices, kind="stable")
+    sorted_indices = indices[order]
+    run_starts = xp.flatnonzero(xp.concatenate(([True], sorted_indices[1:] != sorted_indices[:-1])))
+    out[sorted_indices[run_starts]] += xp.add.reduceat(rows[order], run_starts, axis=0)

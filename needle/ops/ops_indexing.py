@@ -26,15 +26,12 @@ class Gather(TensorOp):
         grad = xp.zeros(table.shape, dtype=table.x.dtype)
         indices = self.indices.reshape(-1)
         rows = out_grad.realize_cached_data().x.reshape(-1, table.shape[1])
-        if indices.size and xp is not np:   # CuPy: one scatter of atomic adds on the device
-            xp.add.at(grad, indices, rows)
-        elif indices.size:
-            # Rows used several times receive the sum of their gradients. Sorting the indices and summing
-            # each run of equal ones with one reduceat is faster than numpy's unbuffered add.at scatter.
-            order = xp.argsort(indices, kind="stable")
-            sorted_indices = indices[order]
-            run_starts = xp.flatnonzero(xp.concatenate(([True], sorted_indices[1:] != sorted_indices[:-1])))
-            grad[sorted_indices[run_starts]] = xp.add.reduceat(rows[order], run_starts, axis=0)
+        if indices.size:   # rows used several times receive the sum of their gradients
+            add_rows = table.device.kernel("add_rows")   # the cpu's is faster than numpy's add.at
+            if add_rows is not None:
+                add_rows(grad, indices, rows)
+            else:                                        # CuPy: one scatter of atomic adds on the device
+                xp.add.at(grad, indices, rows)
         return Tensor.make_const(NDArray.from_xp(grad, table.device))
 
 

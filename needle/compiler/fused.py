@@ -166,7 +166,8 @@ class _step_threads:
 
     def __init__(self, compiled, which, M, B, T, side_by_side=False):
         from ..backend_ndarray.parallel_numpy import _blas, num_threads
-        work = B * max((m.shape[0] * m.shape[1] for m in M), default=0)
+        # a step's biggest product: the per-step ones only (the hoisted input products run outside the loop)
+        work = B * max((M[k].shape[0] * M[k].shape[1] for k in compiled.plan.mm_matrix), default=0)
         # a phased run (run_phased, beside another loop): the BLAS threads are run_phased's to set
         self.blas = None if side_by_side else _blas()
         self.choice, self.record, self.steps = 1, None, max(T, 1)

@@ -20,7 +20,7 @@ from .. import autograd, ops
 from ..autograd import Tensor, TensorTuple
 from .graph import Builder, Ref, StepGraph
 
-__all__ = ["Unsupported", "Trace", "trace_cell", "cell_tensors"]
+__all__ = ["Unsupported", "Trace", "trace_cell", "cell_tensors", "cell_signature"]
 
 
 class Unsupported(Exception):
@@ -68,6 +68,36 @@ def cell_tensors(module, path=()):
     for key, item in vars(module).items():
         walk(item, path + (key,))
     return found
+
+
+def cell_signature(cell):
+    """What a trace of `cell` depends on, as a flat tuple to compare between calls: the identity, shape and
+    dtype of every Tensor cell_tensors finds (in its order) and the cell's own plain attributes (bool, int,
+    float, str, None), which the forward may branch on. Equal signatures: the earlier trace still holds."""
+    out = []
+
+    def walk(value):
+        if isinstance(value, Tensor):
+            out.append((id(value), value.shape, value.dtype))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                out.append(key)
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            out.append(len(value))
+            for item in value:
+                walk(item)
+        elif hasattr(value, "parameters") and hasattr(value, "__dict__") and hasattr(value, "training"):
+            out.append(value.training)
+            walk(vars(value))
+
+    for key, value in vars(cell).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out.append((key, value))
+        else:
+            out.append(key)
+            walk(value)
+    return tuple(out)
 
 
 def _get(root, path):

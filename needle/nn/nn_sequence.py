@@ -667,14 +667,11 @@ class Recurrent(_Recurrent):
 
     def _compiled_cell(self, cell, in_features):
         """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
-        from ..compiler.fused import compile_cell
-        from ..compiler.trace import cell_tensors
-        signature = (in_features, cell.training,
-                     tuple((path, id(t), t.shape, t.dtype) for path, t in cell_tensors(cell)),
-                     tuple((k, v) for k, v in sorted(vars(cell).items())
-                           if isinstance(v, (bool, int, float, str, type(None)))))
+        from ..compiler.trace import cell_signature
+        signature = (in_features, cell_signature(cell))
         known = self._compiled.get(id(cell))
         if known is None or known[0] != signature:
+            from ..compiler.fused import compile_cell
             known = (signature, compile_cell(cell, in_features))
             self._compiled[id(cell)] = known
         return known[1]

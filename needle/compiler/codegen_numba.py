@@ -25,6 +25,10 @@ TANH_P = (9.99999993e-01, 1.31246394e-01, 3.14974810e-03, 1.16484782e-05, -2.235
           -1.16861145e-13)
 TANH_Q = (1.0, 4.64579693e-01, 2.46763582e-02, 2.61364370e-04)
 TANH_CLAMP = 7.90531110763549805
+# from 13 ln 2 on, tanh(x) rounds to exactly 1 in float32 (1 - tanh(x) < 2^-25): the kernels return +-1 there
+# as torch does, so that a saturated unit's derivative 1 - tanh^2 is exactly 0, as on the reference path
+# (numpy's float32 tanh is 1 - 6e-8 up to 10); the rational form would give 1 - 3e-7 and pass gradients on
+TANH_SATURATED = 9.01091334
 
 _FLAGS = "fastmath={'contract', 'arcp', 'nsz', 'reassoc'}, error_model='numpy', boundscheck=False, nogil=True"
 
@@ -45,15 +49,19 @@ from numba import njit
 
 _F = np.float32
 _CLAMP32 = _F({TANH_CLAMP!r})
+_SATURATED32 = _F({TANH_SATURATED!r})
+_ONE32 = _F(1.0)
 _HALF32 = _F(0.5)
 {nl.join(consts)}
 
 
 @njit(inline="always", {_FLAGS})
 def _tanh32(x):
-    x = min(max(x, -_CLAMP32), _CLAMP32)
-    u = x * x
-    return x * ({p}) / ({q})
+    c = min(max(x, -_CLAMP32), _CLAMP32)
+    u = c * c
+    y = c * ({p}) / ({q})
+    # exactly +-1 where float32 tanh rounds to it; NaN fails the test and stays NaN
+    return (_ONE32 if x > 0 else -_ONE32) if abs(x) >= _SATURATED32 else y
 
 
 @njit(inline="always", {_FLAGS})

@@ -265,11 +265,11 @@ class CompiledLayer(TensorTupleOp):
         return [(t0, min(t0 + every, T)) for t0 in range(0, T, every)]
 
     def compute(self, X, *args):
-        return tuple(NDArray.from_xp(a, X.device) for a in self.forward_arrays(X.device, X.numpy(), args))
+        return tuple(NDArray.from_xp(a, X.device) for a in self.forward_arrays(X.device, X.x, args))
 
     def gradient(self, out_grad, node):
         device = node.inputs[0].device
-        grads = self.backward_arrays(device, [g.numpy() for g in out_grad.cached_data])
+        grads = self.backward_arrays(device, [g.x for g in out_grad.cached_data])
         return tuple(Tensor.make_const(NDArray.from_xp(g, device)) for g in grads)
 
     def forward_arrays(self, device, X, args, phased=False):
@@ -285,10 +285,10 @@ class CompiledLayer(TensorTupleOp):
         dtype = X.dtype
         x = _c(X, dtype)
         T, B, _ = x.shape
-        states = [_c(a.numpy(), dtype) for a in args[:n]]
+        states = [_c(a.x, dtype) for a in args[:n]]
         n_mat = len(c.trace.matrices)
-        M = tuple(_c(a.numpy(), dtype) for a in args[n:n + n_mat])
-        P = tuple(_c(a.numpy(), dtype) for a in args[n + n_mat:])
+        M = tuple(_c(a.x, dtype) for a in args[n:n + n_mat])
+        P = tuple(_c(a.x, dtype) for a in args[n + n_mat:])
         if self.lengths is None:
             nbs = np.full(T, B, dtype=np.int64)
         else:

@@ -1,34 +1,31 @@
 """One training step of needle's RNN, LSTM and GRU against torch.nn on the CPU.
 
 A step is forward over the whole sequence, then backward of output.sum() (X requires a gradient on both
-sides, as the embedding output does in a language model). needle and torch run in one process,
-interleaved step by step, torch limited to 2 threads, needle imported first (see the imports); each figure is the median of several steps after
-warm-up. Printed per kind and workload: needle ms, torch ms, needle/torch, and needle's GEMM GFLOP/s as
-a share of numpy's float32 GEMM peak measured at the start of the run.
+sides, as the embedding output does in a language model). Each framework runs in its own process (no
+other framework's threads or allocator beside it; torch with 2 threads), the processes alternating round by
+round; a process warms up, then times its steps, and each figure is the median over rounds of each round's
+median step. Printed per kind, workload and variant: needle ms, torch ms, needle/torch, and needle's GEMM
+GFLOP/s as a share of numpy's float32 GEMM peak (measured once at the start).
+
+needle's fused path compiles each kind's cell on its first use on a machine (needle.compiler, kernels
+cached on disk); the warm-up steps absorb that, so the figures are steady-state steps.
 
 --variants adds rows for bidirectional layers ("bi") and for per-sequence lengths drawn uniformly from
 [seq_len/2, seq_len] ("len"; torch through pack_padded_sequence(enforce_sorted=False) and
-pad_packed_sequence); their last column is needle's time over its own unidirectional, full-length time,
-measured interleaved with it in the same group of steps.
+pad_packed_sequence). --reference adds needle's per-step reference path (fused=False).
 
     python benchmarks/bench_recurrent.py
     python benchmarks/bench_recurrent.py --kinds lstm --workloads medium large --reference
-    python benchmarks/bench_recurrent.py --variants uni bi len
+    python benchmarks/bench_recurrent.py --variants uni bi len --rounds 5
 """
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-
-# needle first: it sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (needle/__init__.py). Without
-# it, OpenBLAS's idle workers spin for ~0.1 s after every needle GEMM and hold the core that torch's next
-# step needs: torch's LSTM small step then measures 33 ms instead of 17.
-import needle as ndl  # noqa: I001
-import numpy as np
-import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 WORKLOADS = {  # seq_len, batch, input, hidden, layers
     "tiny": (13, 15, 11, 12, 2),
@@ -36,24 +33,8 @@ WORKLOADS = {  # seq_len, batch, input, hidden, layers
     "medium": (35, 20, 650, 650, 2),
     "large": (100, 64, 1024, 1024, 1),
 }
-STEPS = {"tiny": 200, "small": 30, "medium": 10, "large": 5}
+STEPS = {"tiny": 100, "small": 15, "medium": 7, "large": 3}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-NEEDLE = {"rnn": ndl.nn.RNN, "lstm": ndl.nn.LSTM, "gru": ndl.nn.GRU}
-TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
-
-
-def gemm_peak_gflops(n=2048, repeats=5):
-    a = np.random.rand(n, n).astype(np.float32)
-    b = np.random.rand(n, n).astype(np.float32)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def step_flops(kind, seq_len, batch, input_size, hidden, layers, directions=1):
@@ -64,21 +45,20 @@ def step_flops(kind, seq_len, batch, input_size, hidden, layers, directions=1):
     return 3 * forward * directions
 
 
-def variant_options(variant, workload):
-    """(bidirectional, lengths) of a benchmark variant: 'uni', 'bi' or 'len'."""
-    seq_len, batch = workload[:2]
-    lengths = np.random.default_rng(0).integers(seq_len // 2, seq_len + 1, size=batch) if variant == "len" else None
-    return variant == "bi", lengths
+def _lengths(variant, seq_len, batch):
+    import numpy as np
+    return np.random.default_rng(0).integers(seq_len // 2, seq_len + 1, size=batch) if variant == "len" else None
 
 
-def needle_step(kind, workload, fused, variant="uni", compiled=False):
+def _needle_step(kind, workload, variant, fused):
+    import numpy as np
+    import needle as ndl
     seq_len, batch, input_size, hidden, layers = workload
-    bidirectional, lengths = variant_options(variant, workload)
-    model = NEEDLE[kind](input_size, hidden, num_layers=layers, fused=fused, bidirectional=bidirectional)
-    if compiled:  # the same cells through the cell compiler (nn.Recurrent)
-        cells = list(getattr(model, model.cells_name))
-        model = ndl.nn.Recurrent(lambda n: cells.pop(0), input_size, layers, fused=True)
-    X = ndl.Tensor(np.random.randn(seq_len, batch, input_size).astype(np.float32), requires_grad=True)
+    lengths = _lengths(variant, seq_len, batch)
+    model = {"rnn": ndl.nn.RNN, "lstm": ndl.nn.LSTM, "gru": ndl.nn.GRU}[kind](
+        input_size, hidden, num_layers=layers, fused=fused, bidirectional=variant == "bi")
+    X = ndl.Tensor(np.random.default_rng(1).standard_normal((seq_len, batch, input_size), dtype=np.float32),
+                   requires_grad=True)
 
     def step():
         for p in model.parameters():
@@ -89,10 +69,14 @@ def needle_step(kind, workload, fused, variant="uni", compiled=False):
     return step
 
 
-def torch_step(kind, workload, variant="uni"):
+def _torch_step(kind, workload, variant):
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.set_num_threads(2)
     seq_len, batch, input_size, hidden, layers = workload
-    bidirectional, lengths = variant_options(variant, workload)
-    model = TORCH[kind](input_size, hidden, num_layers=layers, bidirectional=bidirectional)
+    lengths = _lengths(variant, seq_len, batch)
+    model = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](
+        input_size, hidden, num_layers=layers, bidirectional=variant == "bi")
     X = torch.randn(seq_len, batch, input_size, requires_grad=True)
     lengths = None if lengths is None else torch.tensor(lengths)
 
@@ -108,71 +92,77 @@ def torch_step(kind, workload, variant="uni"):
     return step
 
 
-def interleaved_medians(steps, n):
-    for step in steps:
+def child(setup, kind, workload, variant, steps):
+    """Median ms of `steps` timed steps of one setup ('needle', 'torch' or 'reference'), after warm-up."""
+    if setup == "torch":
+        step = _torch_step(kind, WORKLOADS[workload], variant)
+    else:
+        step = _needle_step(kind, WORKLOADS[workload], variant, fused=setup == "needle")
+    for _ in range(3):
         step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
         step()
-    times = [[] for _ in steps]
-    for _ in range(n):
-        for k, step in enumerate(steps):
-            times[k].append(_timed(step))
-    return [1e3 * statistics.median(t) for t in times]
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def gemm_peak_gflops(n=2048, repeats=5):
+    import numpy as np
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--reference", action="store_true", help="also time needle's per-step reference path")
-    parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timed steps")
     parser.add_argument("--variants", nargs="+", default=["uni"], choices=["uni", "bi", "len"])
-    parser.add_argument("--compiled", action="store_true",
-                        help="also time the same cells compiled by needle.compiler (nn.Recurrent; uni and len)")
+    parser.add_argument("--reference", action="store_true", help="also time needle's per-step reference path")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of one process per setup, alternating")
+    parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timed steps")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        setup, kind, workload, variant, steps = args.child
+        print(json.dumps(child(setup, kind, workload, variant, int(steps))))
+        return
 
-    torch.set_num_threads(2)
-    np.random.seed(0)
-    torch.manual_seed(0)
     peak = gemm_peak_gflops()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), needle commit {commit}")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, needle commit {commit}; "
+          f"each framework in its own process, {args.rounds} rounds alternating, torch with 2 threads")
     print(f"# numpy float32 GEMM peak (2048^3): {peak:.0f} GFLOP/s")
+    setups = ["needle", "torch"] + (["reference"] if args.reference else [])
     header = (f"{'kind':5} {'workload':8} {'variant':7} {'needle ms':>10} {'torch ms':>10} {'ratio':>6} "
-              f"{'GFLOP/s':>8} {'% peak':>7}")
-    if args.reference:
-        header += f" {'reference ms':>13}"
-    if args.compiled:
-        header += f" {'compiled ms':>12} {'compiled/torch':>14}"
-    if set(args.variants) - {"uni"}:
-        header += f" {'vs uni':>7}"
+              f"{'GFLOP/s':>8} {'% peak':>7}" + (f" {'reference ms':>13}" if args.reference else ""))
     print(header)
     for kind in args.kinds:
         for name in args.workloads:
-            workload = WORKLOADS[name]
             for variant in args.variants:
-                steps = [needle_step(kind, workload, True, variant), torch_step(kind, workload, variant)]
+                steps = str(max(3, int(STEPS[name] * args.repeats)))
+                times = {s: [] for s in setups}
+                for _ in range(args.rounds):
+                    for setup in setups:
+                        proc = subprocess.run([sys.executable, __file__, "--child", setup, kind, name, variant,
+                                               steps], capture_output=True, text=True, check=True)
+                        times[setup].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                ms = {s: statistics.median(v) for s, v in times.items()}
+                flops = step_flops(kind, *WORKLOADS[name], directions=2 if variant == "bi" else 1)
+                gflops = flops / (ms["needle"] / 1e3) / 1e9
+                line = (f"{kind:5} {name:8} {variant:7} {ms['needle']:10.2f} {ms['torch']:10.2f} "
+                        f"{ms['needle'] / ms['torch']:6.2f} {gflops:8.1f} {100 * gflops / peak:6.0f}%")
                 if args.reference:
-                    steps.append(needle_step(kind, workload, False, variant))
-                compiled = args.compiled and variant != "bi"
-                if compiled:
-                    steps.append(needle_step(kind, workload, True, variant, compiled=True))
-                if variant != "uni":  # its own unidirectional, full-length step, interleaved with it
-                    steps.append(needle_step(kind, workload, True, "uni"))
-                times = interleaved_medians(steps, max(3, int(STEPS[name] * args.repeats)))
-                uni_ms = times[-1]
-                flops = step_flops(kind, *workload, directions=2 if variant == "bi" else 1)
-                gflops = flops / (times[0] / 1e3) / 1e9
-                line = (f"{kind:5} {name:8} {variant:7} {times[0]:10.2f} {times[1]:10.2f} "
-                        f"{times[0] / times[1]:6.2f} {gflops:8.1f} {100 * gflops / peak:6.0f}%")
-                if args.reference:
-                    line += f" {times[2]:13.2f}"
-                if compiled:
-                    at = 3 if args.reference else 2
-                    line += f" {times[at]:12.2f} {times[at] / times[1]:14.2f}"
-                if variant != "uni":
-                    line += f" {times[0] / uni_ms:7.2f}"
+                    line += f" {ms['reference']:13.2f}"
                 print(line, flush=True)
 
 

@@ -127,9 +127,7 @@ def test_module_matches_torch(kind, config, fused):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_module_matches_torch_past_the_feature_major_batch(kind):
-    """A batch above _FEATURE_MAJOR_MAX_BATCH: the fused layers run batch-major (the configurations above,
-    batch 1 and 15, run the LSTM and GRU feature-major)."""
+def test_module_matches_torch_with_a_wider_batch(kind):
     module, tmodule, x, h0, grads, is_lstm = make_case(kind, (40, 5, 6, 7, 2, True, True), True)
     values, input_grads = run_needle(module, x, h0, is_lstm, grads)
     t_values, t_input_grads = run_torch(tmodule, x, h0, is_lstm, grads)
@@ -137,6 +135,58 @@ def test_module_matches_torch_past_the_feature_major_batch(kind):
     assert_all_close(input_grads, t_input_grads, "grad of X, h0 (c0)")
     assert_all_close(param_grads(module, KINDS[kind][3]), torch_param_grads(tmodule, 2, True),
                      "grads of W_ih, W_hh, bias_ih, bias_hh per layer")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_float64_matches_torch_to_1e9(kind, bias):
+    """The compiled layers in float64 (np.tanh, exp) against torch in float64, tightly; the loss reads only
+    the output, so no gradient reaches the final states from above."""
+    module_cls, torch_cls, kwargs, cells_name = KINDS[kind]
+    module = module_cls(4, 5, num_layers=2, bias=bias, fused=True, dtype="float64", **kwargs)
+    tmodule = torch_cls(4, 5, num_layers=2, bias=bias, **kwargs).double()
+    copy_into_torch(module, tmodule, cells_name)
+    rng = np.random.default_rng(5)
+    x, dY = rng.standard_normal((6, 3, 4)), rng.standard_normal((6, 3, 5))
+    X = ndl.Tensor(x, dtype="float64")
+    out, _ = module(X)
+    (out * ndl.Tensor(dY, dtype="float64")).sum().backward()
+    assert out.dtype == "float64" and X.grad.dtype == "float64"
+    tX = torch.tensor(x, requires_grad=True)
+    t_out, _ = tmodule(tX)
+    (t_out * torch.tensor(dY)).sum().backward()
+    tight = dict(rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(out.numpy(), t_out.detach().numpy(), **tight)
+    np.testing.assert_allclose(X.grad.numpy(), tX.grad.numpy(), **tight)
+    for a, e in zip(param_grads(module, cells_name), torch_param_grads(tmodule, 2, bias)):
+        np.testing.assert_allclose(a, e, **tight)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_inputs_unmodified_float32_and_repeatable(kind):
+    """A non-contiguous X (a batch_first view), h0 and the weights come back untouched; results stay
+    float32 and two identical calls agree bitwise."""
+    module_cls, _, kwargs, cells_name = KINDS[kind]
+    module = module_cls(3, 4, num_layers=2, fused=True, batch_first=True, **kwargs)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32).transpose(1, 0, 2)   # (bs, T, in), strided
+    h = [rng.standard_normal((2, 2, 4)).astype(np.float32) for _ in range(2 if kind == "lstm" else 1)]
+    before = [x.copy()] + [a.copy() for a in h] + [p.numpy().copy() for p in module.parameters()]
+    runs = []
+    for _ in range(2):
+        for p in module.parameters():
+            p.grad = None
+        X = ndl.Tensor(x, requires_grad=True)
+        states = [ndl.Tensor(a, requires_grad=True) for a in h]
+        out, _ = module(X, tuple(states) if kind == "lstm" else states[0])
+        (out * out).sum().backward()
+        assert out.dtype == X.grad.dtype == "float32"
+        runs.append([out.numpy(), X.grad.numpy()] + [s.grad.numpy() for s in states]
+                    + [p.grad.numpy() for p in module.parameters()])
+    for was, now in zip(before, [x] + h + [p.numpy() for p in module.parameters()]):
+        np.testing.assert_array_equal(was, now)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=CONFIG_IDS[::3])
@@ -259,37 +309,38 @@ def test_fused_flag(monkeypatch):
 
 
 def test_backend_without_kernels_falls_back(monkeypatch):
+    from needle.compiler import blas
     lstm = nn.LSTM(3, 4, fused=True)
     X = ndl.Tensor(np.random.randn(4, 2, 3))
     expected = lstm(X)[0].numpy()
-    monkeypatch.delattr(backend_numpy, "lstm_forward")
+    monkeypatch.setattr(blas, "gemm", lambda dtype: None)   # a BLAS the compiled kernels cannot call
+    assert lstm._fused_for(X) is False
     np.testing.assert_allclose(lstm(X)[0].numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer", ["rnn", "lstm", "gru"])
-def test_fused_ops_gradcheck(layer):
+def test_fused_layers_gradcheck(layer):
+    """The compiled layer's gradient of X, the states and every weight against finite differences."""
     rng = np.random.default_rng(3)
     T, B, I, H = 3, 2, 2, 3
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[layer]
+    module = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[layer](I, H, fused=True, dtype="float64")
+    cell = getattr(module, layer + "_cells")[0]
+    n = 2 if layer == "lstm" else 1
 
     def t(*shape):
         return ndl.Tensor(rng.standard_normal(shape) * 0.5, dtype="float64")
 
-    X, h0, c0 = t(T, B, I), t(B, H), t(B, H)
-    W_ih, W_hh, b_ih, b_hh = t(I, G * H), t(H, G * H), t(G * H), t(G * H)
-    if layer == "lstm":
-        def f(X, h0, c0, W_ih, W_hh, b_ih, b_hh):
-            Y, h_n, c_n = ndl.ops.lstm_layer(X, h0, c0, W_ih, W_hh, b_ih, b_hh).tuple()
-            return Y.sum((0,)) + h_n * 2.0 + c_n * 3.0
-        args = (X, h0, c0, W_ih, W_hh, b_ih, b_hh)
-    else:
-        op = ndl.ops.rnn_layer if layer == "rnn" else ndl.ops.gru_layer
+    def f(X, W_ih, W_hh, b_ih, b_hh, *states):
+        cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh = W_ih, W_hh, b_ih, b_hh
+        Y, finals = module(X, states if n == 2 else states[0])
+        finals = finals if n == 2 else (finals,)
+        return Y.sum((0,)) + sum((s * (2.0 + k)).sum((0,)) for k, s in enumerate(finals))
 
-        def f(X, h0, W_ih, W_hh, b_ih, b_hh):
-            Y, h_n = op(X, h0, W_ih, W_hh, b_ih, b_hh).tuple()
-            return Y.sum((0,)) + h_n * 2.0
-        args = (X, h0, W_ih, W_hh, b_ih, b_hh)
-    assert gradcheck(f, *args, eps=1e-6, atol=1e-6, rtol=1e-6)
+    X = t(T, B, I)
+    weights = [t(*w.shape) for w in (cell.W_ih, cell.W_hh, cell.bias_ih, cell.bias_hh)]
+    states = [t(1, B, H) for _ in range(n)]
+    assert module._fused_for(X)
+    assert gradcheck(f, X, *weights, *states, eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])

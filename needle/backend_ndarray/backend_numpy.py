@@ -5,22 +5,16 @@ strided view over a buffer, then computes with the backend's array module `xp`. 
 module with `xp = cupy` and its own `view`, `from_numpy` and `to_numpy`.
 
 Optional entry points are looked up on the backend with a fallback, so a backend without them still runs
-every op: fused recurrent kernels (`rnn_forward`, `lstm_forward`, ..., and their phased forms, which
-`run_phased` runs side by side), here big elementwise passes and reductions split over threads
-(`ewise`, `unary`, `reduce`, `for_rows`: parallel_numpy.py), and `add_rows` for an embedding's gradient.
+every op: here big elementwise passes and reductions split over threads (`ewise`, `unary`, `reduce`,
+`for_rows`: parallel_numpy.py), `run_phased` (the recurrent loops of a bidirectional layer's two compiled
+directions side by side) and `add_rows` for an embedding's gradient.
 """
 import numpy
 
 from .parallel_numpy import ewise, for_rows, reduce, run_phased, unary
-from .recurrent_numpy import (gru_backward, gru_backward_phases, gru_forward, gru_forward_phases, lstm_backward,
-                              lstm_backward_phases, lstm_forward, lstm_forward_phases, rnn_backward,
-                              rnn_backward_phases, rnn_forward, rnn_forward_phases)
 
 __all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
-           "add_rows",
-           "rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
-           "run_phased", "rnn_forward_phases", "rnn_backward_phases", "lstm_forward_phases", "lstm_backward_phases",
-           "gru_forward_phases", "gru_backward_phases"]
+           "add_rows", "run_phased"]
 
 xp = numpy
 

@@ -178,8 +178,9 @@ def _advance(kernel):
 
 def run_phased(kernels, step_elements):
     """Run phased kernels (generators that yield just before and just after their recurrent loop, as
-    recurrent_numpy's *_phases do) and return their results in order. Each kernel's part before its loop
-    (the input projection GEMM) and after it (the weight-gradient GEMMs) runs in turn on every BLAS thread;
+    compiler.fused.CompiledLayer's phased forward and backward do) and return their results in order. Each
+    kernel's part before its loop (the input projection GEMM) and after it (the weight-gradient GEMMs) runs
+    in turn on every BLAS thread;
     the loops run side by side, one thread each with one BLAS thread, where there are two kernels or more,
     two threads or more, and `step_elements` (the elements of a step's gate matrix) reaches
     _SIDE_BY_SIDE_MIN."""

@@ -226,12 +226,14 @@ def _drain(phases):
 
 class CompiledLayer(TensorTupleOp):
     """One layer of a compiled cell over a whole sequence; see the module docstring. Beside compute and
-    gradient it offers forward_arrays and backward_arrays as the hand-written layers of ops_recurrent do, so
-    that ops.BidirectionalLayer runs two of them with their loops side by side."""
+    gradient it offers forward_arrays and backward_arrays, in phases, so that ops.BidirectionalLayer runs
+    two of them with their loops side by side. `name` (default "Recurrent") is the module's, for errors."""
     name = "Recurrent"
 
-    def __init__(self, compiled, lengths=None, recompute_every=None, record=None):
+    def __init__(self, compiled, lengths=None, recompute_every=None, record=None, name=None):
         self.compiled, self.lengths, self.every, self.record = compiled, lengths, recompute_every, record
+        if name is not None:
+            self.name = name   # the module's, for errors and detect_anomaly (LSTM rather than Recurrent)
         self.n_states = compiled.trace.num_states
         H = compiled.trace.hidden_size
         self.gates = max(1, sum(compiled.plan.widths[i] for i in compiled.plan.mm) // H)   # a step's work / H

@@ -6,9 +6,10 @@ r, z, n). Every weight and bias is drawn from U(-sqrt(k), sqrt(k)), k = 1 / hidd
 
 The multi-layer modules have two paths with one meaning. The reference path walks the sequence time step
 by time step and, within a step, layer by layer, through exactly one cell per layer (`split` along time,
-`stack` of the outputs). The fused path (the default) runs one whole-sequence op per layer with a
-hand-written backward (needle.ops.ops_recurrent). Modules read their cells' weights at call time, so a
-replaced `cell.W_ih` receives the gradient on either path.
+`stack` of the outputs). The fused path (the default) runs one whole-sequence op per layer: the layer's
+cell compiled (needle.compiler: the cell's `forward` traced once, its BPTT derived from the trace, both
+rendered as whole-sequence kernels), the same for RNN, LSTM, GRU and any cell given to Recurrent. Modules
+read their cells' weights at call time, so a replaced `cell.W_ih` receives the gradient on either path.
 """
 import math
 import os
@@ -238,9 +239,9 @@ class _GradFlow:
 class _Recurrent(Module):
     """A stack of `num_layers` layers of one cell per direction, each cell shared by all time steps.
 
-    Subclasses set `kind` (the op family), `cells_name` (the list attribute) and `n_states`.
+    Subclasses set `cells_name` (the list attribute) and `n_states`. The fused path runs each layer's cell
+    compiled (compiler.fused.CompiledLayer) where the device's arrays are numpy's; elsewhere the reference path.
     """
-    kind = None
     cells_name = None
     n_states = 1
 
@@ -268,6 +269,7 @@ class _Recurrent(Module):
             setattr(self, self.cells_name + "_reverse", [make_cell(size) for size in sizes])
         self.fused = _fused_default(fused)
         self._grad_flow = None
+        self._compiled = {}   # id(cell) -> (signature, CompiledCell)
 
     @property
     def grad_flow(self):
@@ -349,12 +351,42 @@ class _Recurrent(Module):
         return output, (stacked if self.n_states > 1 else stacked[0])
 
     def _fused_for(self, X):
-        """Whether this call takes the fused path."""
-        return self.fused and ops.has_fused_kernels(X.device, self.kind)
+        """Whether this call takes the fused path; if so, every cell's compiled kernels are in _call_kernels."""
+        if not self.fused:
+            return False
+        from ..compiler.trace import Unsupported
+        try:
+            self._compile_cells(X)
+        except Unsupported:
+            return False   # a device without compiled kernels: the reference path
+        return True
+
+    def _compile_cells(self, X):
+        """Find (compile on first use) every cell's kernels for this call, or raise Unsupported."""
+        from ..compiler.blas import gemm
+        from ..compiler.trace import Unsupported
+        if X.device.xp is not np:
+            raise Unsupported(f"a device without compiled kernels ({X.device!r})")
+        if gemm(X.dtype) is None:
+            raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
+        width = (2 if self.bidirectional else 1) * self.hidden_size
+        self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else width)
+                              for layer in range(self.num_layers) for cell in self._layer_cells(layer)}
+
+    def _compiled_cell(self, cell, in_features):
+        """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
+        from ..compiler.trace import cell_signature
+        signature = (in_features, cell_signature(cell))
+        known = self._compiled.get(id(cell))
+        if known is None or known[0] != signature:
+            from ..compiler.fused import compile_cell
+            known = (signature, compile_cell(cell, in_features))
+            self._compiled[id(cell)] = known
+        return known[1]
 
     def _pairs_side_by_side(self, X):
         """Whether a fused bidirectional layer runs as one op with both directions' loops side by side."""
-        return ops.has_phased_kernels(X.device, self.kind)
+        return X.device.kernel("run_phased") is not None
 
     def _zeros_state(self, bs, like):
         zeros = init.zeros(bs, self.hidden_size, device=like.device, dtype=like.dtype)
@@ -431,12 +463,14 @@ class _Recurrent(Module):
         return ops.flip(X, (0,)) if lengths is None else ops.reverse_sequences(X, lengths)
 
     def _fused_parts(self, cell, X, state, lengths, recorder, row, reverse):
-        """(the fused op of one layer and direction, its inputs after X)."""
+        """(the CompiledLayer op of one layer and direction, its inputs after X): run alone or, for a
+        bidirectional layer, beside the other direction's (ops.bidirectional_layer)."""
+        from ..compiler.fused import CompiledLayer
+        compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
+        state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
         record = recorder.block_recorder(row, reverse) if recorder is not None else None
-        weights = (cell.W_ih, cell.W_hh) + (() if cell.bias_ih is None else (cell.bias_ih, cell.bias_hh))
-        op = self._layer_op(cell, cell.bias_ih is not None, lengths=lengths, recompute_every=self.recompute_every,
-                            record=record)
-        return op, tuple(state or self._zeros_state(X.shape[1], X)) + weights
+        op = CompiledLayer(compiled, lengths, self.recompute_every, record, type(self).__name__)
+        return op, state + tuple(compiled.parameters(cell))
 
     def _run_fused(self, cell, X, state, lengths, recorder, row, reverse):
         op, inputs = self._fused_parts(cell, X, state, lengths, recorder, row, reverse)
@@ -460,10 +494,6 @@ class _Recurrent(Module):
             outputs.append(y)
         return ops.stack(outputs, 0), state
 
-    def _layer_op(self, cell, bias, **options):
-        """The fused op of one layer and direction (ops_recurrent), not yet applied."""
-        raise NotImplementedError()
-
 
 class RNN(_Recurrent):
     """A multi-layer Elman RNN: for every step t and layer l, h_t^(l) = cell_l(x_t^(l), h_{t-1}^(l)), with
@@ -474,13 +504,14 @@ class RNN(_Recurrent):
         num_layers: stacked layers (default 1), one RNNCell each in `rnn_cells`.
         bias: default True. nonlinearity: 'tanh' (default) or 'relu'.
         device, dtype: default cpu, "float32".
-        fused: True runs one whole-sequence op per layer (hand-written BPTT); False the per-step reference
-            path; None (default) reads NEEDLE_FUSED ("0" means False). Changeable at any time.
+        fused: True runs one whole-sequence op per layer (the cell compiled, as in Recurrent; on a device
+            without compiled kernels the reference path); False the per-step reference path; None (default)
+            reads NEEDLE_FUSED ("0" means False). Changeable at any time.
         batch_first: X and output are (bs, seq_len, ...) (default False; h0 and h_n keep their layout).
         dropout: on every layer's output but the last, in training only (default 0).
         bidirectional: D = 2, reverse cells in `rnn_cells_reverse`; output [forward, reverse] per step.
         recompute_every: k keeps every k-th step's state in the fused backward and recomputes the rest
-            (memory O(seq_len / k + k) per layer; identical results). Default None keeps all.
+            (memory O(seq_len / k + k) per layer; results equal to rounding). Default None keeps all.
         record_grad_flow: after backward, `grad_flow` holds ||dL/dh_t|| per (layer, direction) and step.
     Shapes: X (seq_len, bs, input_size), h0 (num_layers * D, bs, hidden_size) or None (zeros), lengths (bs,)
         or None -> output (seq_len, bs, D * hidden_size), the last layer's h_t for every t (zero past each
@@ -493,7 +524,7 @@ class RNN(_Recurrent):
     >>> out.shape, h_n.shape
     ((5, 3, 6), (2, 3, 6))
     """
-    kind, cells_name = "rnn", "rnn_cells"
+    cells_name = "rnn_cells"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, nonlinearity="tanh", device=None,
                  dtype="float32", fused=None, batch_first=False, dropout=0.0, bidirectional=False,
@@ -504,9 +535,6 @@ class RNN(_Recurrent):
         super().__init__(input_size, hidden_size, num_layers, device, dtype, fused,
                          lambda size: RNNCell(size, hidden_size, bias, nonlinearity, device, dtype),
                          batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
-
-    def _layer_op(self, cell, bias, **options):
-        return ops.RNNLayer(bias, nonlinearity=cell.nonlinearity, **options)
 
 
 class LSTM(_Recurrent):
@@ -520,7 +548,7 @@ class LSTM(_Recurrent):
         (num_layers * D, bs, hidden_size)).
     Init: as LSTMCell's, per layer.
     """
-    kind, cells_name, n_states = "lstm", "lstm_cells", 2
+    cells_name, n_states = "lstm_cells", 2
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32",
                  fused=None, batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None,
@@ -533,9 +561,6 @@ class LSTM(_Recurrent):
     def forward(self, X, h=None, lengths=None):
         return super().forward(X, h, lengths)
 
-    def _layer_op(self, cell, bias, **options):
-        return ops.LSTMLayer(bias, **options)
-
 
 class GRU(_Recurrent):
     """A multi-layer GRU: GRUCell per layer in `gru_cells` (and `gru_cells_reverse`), stacked as in RNN.
@@ -547,7 +572,7 @@ class GRU(_Recurrent):
         or None -> (output (seq_len, bs, D * hidden_size), h_n (num_layers * D, bs, hidden_size)).
     Init: as GRUCell's, per layer.
     """
-    kind, cells_name = "gru", "gru_cells"
+    cells_name = "gru_cells"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, device=None, dtype="float32",
                  fused=None, batch_first=False, dropout=0.0, bidirectional=False, recompute_every=None,
@@ -556,9 +581,6 @@ class GRU(_Recurrent):
         super().__init__(input_size, hidden_size, num_layers, device, dtype, fused,
                          lambda size: GRUCell(size, hidden_size, bias, device, dtype),
                          batch_first, dropout, bidirectional, recompute_every, record_grad_flow)
-
-    def _layer_op(self, cell, bias, **options):
-        return ops.GRULayer(bias, **options)
 
 
 class Recurrent(_Recurrent):
@@ -628,7 +650,6 @@ class Recurrent(_Recurrent):
         super().__init__(input_size, self.hidden_size, num_layers, device, dtype, False, build, batch_first,
                          dropout, bidirectional, recompute_every, record_grad_flow)
         self.fused = fused
-        self._compiled = {}
         self._warned = False
 
     def _initial_states(self, X, h0):
@@ -638,21 +659,11 @@ class Recurrent(_Recurrent):
     def _fused_for(self, X):
         if self.fused is False or (self.fused is None and os.environ.get("NEEDLE_FUSED", "1") == "0"):
             return False
+        from ..compiler.trace import Unsupported
         try:
-            from ..compiler.blas import gemm
-            from ..compiler.trace import Unsupported
-            if X.device.xp is not np:
-                raise Unsupported(f"a device without compiled kernels ({X.device!r})")
-            if gemm(X.dtype) is None:
-                raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
-            width = (2 if self.bidirectional else 1) * self.hidden_size
-            self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else width)
-                                  for layer in range(self.num_layers) for cell in self._layer_cells(layer)}
+            self._compile_cells(X)
             return True
-        except Exception as error:
-            from ..compiler.trace import Unsupported
-            if not isinstance(error, Unsupported):
-                raise
+        except Unsupported as error:
             if self.fused:
                 raise ValueError(f"Recurrent: cannot compile the cell {type(self.cells[0]).__name__}: "
                                  f"it uses {error.what}") from None
@@ -661,30 +672,6 @@ class Recurrent(_Recurrent):
                 warnings.warn(f"Recurrent: the cell {type(self.cells[0]).__name__} uses {error.what}, which "
                               "a compiled step cannot run; taking the reference path", UserWarning, stacklevel=4)
             return False
-
-    def _pairs_side_by_side(self, X):
-        return X.device.kernel("run_phased") is not None
-
-    def _compiled_cell(self, cell, in_features):
-        """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
-        from ..compiler.trace import cell_signature
-        signature = (in_features, cell_signature(cell))
-        known = self._compiled.get(id(cell))
-        if known is None or known[0] != signature:
-            from ..compiler.fused import compile_cell
-            known = (signature, compile_cell(cell, in_features))
-            self._compiled[id(cell)] = known
-        return known[1]
-
-    def _fused_parts(self, cell, X, state, lengths, recorder, row, reverse):
-        """(the CompiledLayer op of one layer and direction, its inputs after X): the base class runs it
-        alone or, for a bidirectional layer, beside the other direction's (ops.bidirectional_layer)."""
-        from ..compiler.fused import CompiledLayer
-        compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
-        state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
-        record = recorder.block_recorder(row, reverse) if recorder is not None else None
-        op = CompiledLayer(compiled, lengths, self.recompute_every, record)
-        return op, state + tuple(compiled.parameters(cell))
 
 
 class Embedding(Module):

@@ -10,18 +10,16 @@ from .ops_mathematic import (AddScalar, Affine, BroadcastTo, Dilate, DivScalar, 
                              flip, log, make_tuple, matmul, mul_scalar, multiply, negate, power, power_scalar,
                              relu, reshape, sigmoid, split, stack, summation, tanh, transpose, tuple_get_item,
                              undilate)
-from .ops_recurrent import (BidirectionalLayer, GradProbe, GRULayer, LSTMLayer, RNNLayer, bidirectional_layer,
-                            gru_layer, has_fused_kernels, has_phased_kernels, lstm_layer, rnn_layer)
+from .ops_recurrent import BidirectionalLayer, GradProbe, bidirectional_layer
 
 __all__ = [
     "AddScalar", "Affine", "BroadcastTo", "Dilate", "DivScalar", "EWiseAdd", "EWiseDiv", "EWiseMul", "EWisePow", "Exp",
     "Flip", "Log", "LogSoftmax", "LogSumExp", "MakeTensorTuple", "MatMul", "MulScalar", "Negate", "PowerScalar",
     "ReLU", "Reshape", "Sigmoid", "SoftmaxCrossEntropy", "Split", "Stack", "Summation", "Tanh", "Transpose",
-    "TupleGetItem", "UnDilate", "Gather", "Reorder", "ReverseSequences", "GradProbe", "RNNLayer", "LSTMLayer",
-    "GRULayer", "BidirectionalLayer",
+    "TupleGetItem", "UnDilate", "Gather", "Reorder", "ReverseSequences", "GradProbe", "BidirectionalLayer",
     "add", "add_scalar", "affine", "broadcast_to", "dilate", "divide", "divide_scalar", "exp", "flip", "log", "logsoftmax",
     "logsumexp", "make_tuple", "matmul", "mul_scalar", "multiply", "negate", "power", "power_scalar", "relu",
     "reshape", "sigmoid", "softmax_cross_entropy", "split", "stack", "summation", "tanh", "transpose",
-    "tuple_get_item", "undilate", "gather_rows", "reorder", "reversal_index", "reverse_sequences", "rnn_layer",
-    "lstm_layer", "gru_layer", "bidirectional_layer", "has_fused_kernels", "has_phased_kernels",
+    "tuple_get_item", "undilate", "gather_rows", "reorder", "reversal_index", "reverse_sequences",
+    "bidirectional_layer",
 ]

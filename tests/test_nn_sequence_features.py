@@ -114,6 +114,23 @@ def test_matches_torch(kind, combo, fused):
         np.testing.assert_allclose(a, e, rtol=TOL, atol=TOL, err_msg=f"parameter grad {k}")
 
 
+@pytest.mark.parametrize("recompute", [None, 2], ids=["whole", "recompute2"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_lengths_with_packed_rows_matches_torch(kind, recompute, monkeypatch):
+    """The compiled layers' GEMMs before and after the loop over the active rows only (forced here; by
+    default from _PACK_MIN_MACS padded multiply-adds on), against torch's packed sequences."""
+    from needle.compiler import fused
+    monkeypatch.setattr(fused, "_PACK_MIN_MACS", 0)
+    module, tmodule, cells_name = make(kind, True, False, True, recompute_every=recompute)
+    is_lstm = kind == "lstm"
+    x, lens, h0 = inputs(False, True, 2, bs=5, seq_len=7, lengths=True, is_lstm=is_lstm)
+    assert fused._active_rows(np.array([5, 3, 0]), 5, 1) is not None
+    values, tvalues, grads, tgrads = run_both(module, tmodule, x, lens, h0, is_lstm)
+    for a, e in zip(values + grads + all_param_grads(module, cells_name), tvalues + tgrads +
+                    torch_param_grads(tmodule, 2, True)):
+        np.testing.assert_allclose(a, e, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (7, 3, 4, 2), (3, 9, 2, 8)], ids=["bs1", "bs7", "T9"])
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
 def test_sizes_with_lengths_both_directions(kind, sizes):

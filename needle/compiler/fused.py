@@ -215,6 +215,23 @@ def _transposed(m):
     return out
 
 
+# With lengths, the GEMMs before and after the loop run over the active (step, sequence) rows only, gathered
+# (and scattered back) by index, where the padded rows would cost at least this many multiply-adds; below it
+# the copies cost more than they save and the GEMMs run over all T*B rows (the padded ones are zeros).
+_PACK_MIN_MACS = 1 << 20
+
+
+def _active_rows(nbs, B, macs_per_row):
+    """Indices into the (T*B) rows of the steps' active sequences (the first nbs[t] at step t), or None
+    where every row is active or packing would not pay (_PACK_MIN_MACS)."""
+    T = len(nbs)
+    padded = T * B - int(nbs.sum())
+    if padded == 0 or padded * macs_per_row < _PACK_MIN_MACS:
+        return None
+    batch = np.arange(B)
+    return (np.arange(T)[:, None] * B + batch)[batch < nbs[:, None]]
+
+
 def _drain(phases):
     """Run a generator of phases (see CompiledLayer.forward_arrays) to its end; its return value."""
     while True:
@@ -254,8 +271,12 @@ class CompiledLayer(TensorTupleOp):
         make = np.zeros if self.lengths is not None else np.empty
         SV = tuple(make((T, B, widths[i]), dtype) for i in plan.saved)
         x2 = x.reshape(T * B, -1)
+        rows = _active_rows(nbs, B, x.shape[2] * sum(widths[i] for i in plan.xw))
         for q, i in enumerate(plan.xw):   # the hoisted products: one GEMM over all steps each
-            np.dot(x2, M[plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
+            if rows is None:
+                np.dot(x2, M[plan.xw_matrix[q]], XW[q].reshape(T * B, -1))
+            else:                         # the active rows only (the kernel reads no others)
+                XW[q].reshape(T * B, -1)[rows] = x2[rows] @ M[plan.xw_matrix[q]]
         forward, _ = c.kernels(dtype)
         with _step_threads(c, "forward", M, B, T, side_by_side):
             forward(x, S, XW, SV, M, P, nbs, c.dims, gemm(dtype))
@@ -392,16 +413,21 @@ class CompiledLayer(TensorTupleOp):
         _, backward = c.kernels(dtype)
         with _step_threads(c, "backward", MT, B, T, side_by_side):
             dS0 = backward(x, S, XW, SV, MT, P, nbs, c.dims, dY, C, Cn, dXW, DY, dXe, dP, gemm(dtype), GF)
-        # after the loop, every weight gradient and dX as one GEMM over all T*B rows
-        rows = T * B
-        x2 = x.reshape(rows, F)
+        # after the loop, every weight gradient and dX as one GEMM over all T*B rows (or the active ones)
+        x2 = x.reshape(T * B, F)
         products = [(x2, dXW[q], plan.xw_matrix[q]) for q in range(len(plan.xw))]
         products += [(self._operand(where, x2, S, SV, T), DY[q], plan.mm_matrix[q])
                      for q, where in enumerate(plan.mm_operand)]
+        rows = _active_rows(nbs, B, sum(o.shape[1] * g.shape[2] for o, g, _ in products)
+                            + F * sum(g.shape[2] for g in dXW))
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])
         for operand, grad, k in products:
-            g = operand.T @ grad.reshape(rows, -1)
+            g = pick(operand).T @ pick(grad.reshape(T * B, -1))
             dM[k] = g if dM[k] is None else dM[k] + g
-        dX = dXe.reshape(rows, F) if plan.has_dx_direct else np.zeros((rows, F), dtype)
+        dX = dXe.reshape(T * B, F) if plan.has_dx_direct else np.zeros((T * B, F), dtype)
         for q in range(len(plan.xw)):
-            dX += dXW[q].reshape(rows, -1) @ M[plan.xw_matrix[q]].T
+            if rows is None:
+                dX += dXW[q].reshape(T * B, -1) @ M[plan.xw_matrix[q]].T
+            else:                 # padded rows of dX stay zero
+                dX[rows] += dXW[q].reshape(T * B, -1)[rows] @ M[plan.xw_matrix[q]].T
         return dX.reshape(T, B, F), dS0

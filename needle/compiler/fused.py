@@ -363,14 +363,14 @@ class CompiledLayer(TensorTupleOp):
     def _backward_phases(self, upstream, side_by_side):
         x, M, P, nbs = self.saved[0], self.saved[-3], self.saved[-2], self.saved[-1]
         dtype = x.dtype
-        c_plan = self.compiled.plan
+        per_step = set(self.compiled.plan.mm_matrix)
         T, B, F = x.shape
         dY = _c(upstream[0], dtype)
         C = tuple(np.array(g, dtype=dtype, order="C") for g in upstream[1:])
         dP = tuple(np.zeros_like(p) for p in P)
         # the per-step products' matrices transposed (a step's GEMM runs up to 1.6x faster on a contiguous copy
         # than on a transposed view); the hoisted ones are only read by the GEMMs after the loop, as views
-        MT = tuple(_transposed(m) if k in c_plan.mm_matrix else _UNUSED[dtype.char] for k, m in enumerate(M))
+        MT = tuple(_transposed(m) if k in per_step else _UNUSED[dtype.char] for k, m in enumerate(M))
         dM = [None] * len(M)
         GF = np.zeros((T if self.record is not None else 0, B))   # squared norms of dL/dh_t, if recorded
         segments = self._segments(T)

@@ -45,6 +45,11 @@ class Trace:
     num_states: int
 
 
+def _is_module(value):
+    """A sub-module (duck-typed, as a cell's own modules may be any Module-like object)."""
+    return hasattr(value, "parameters") and hasattr(value, "__dict__") and hasattr(value, "training")
+
+
 def cell_tensors(module, path=()):
     """(path, Tensor) for every Tensor the cell holds, in its attributes, lists, tuples, dicts and
     sub-modules; a path is a tuple of attribute names, list indices and dict keys."""
@@ -61,7 +66,7 @@ def cell_tensors(module, path=()):
         elif isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
                 walk(item, path + (i,))
-        elif hasattr(value, "parameters") and hasattr(value, "__dict__") and hasattr(value, "training"):
+        elif _is_module(value):
             for key, item in vars(value).items():
                 walk(item, path + (key,))
 
@@ -87,7 +92,7 @@ def cell_signature(cell):
             out.append(len(value))
             for item in value:
                 walk(item)
-        elif hasattr(value, "parameters") and hasattr(value, "__dict__") and hasattr(value, "training"):
+        elif _is_module(value):
             out.append(value.training)
             walk(vars(value))
 

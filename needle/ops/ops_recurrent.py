@@ -14,8 +14,8 @@ __all__ = ["BidirectionalLayer", "bidirectional_layer", "GradProbe"]
 
 class BidirectionalLayer(TensorTupleOp):
     """A bidirectional layer as one op: `forward` (a layer op with forward_arrays and backward_arrays, as
-    CompiledLayer has) reads X from first step to last,
-    `reverse` (another) reads it backwards, each sequence from its own last step when `lengths` is given.
+    CompiledLayer has) reads X from first step to last, `reverse` (another) reads it backwards, each sequence
+    from its own last step when `lengths` is given.
     compute(X, *forward_inputs, *reverse_inputs) -> (Y, *forward_finals, *reverse_finals), Y (T, B, 2H) =
     [forward's h_t, reverse's h_t] at each t. The two directions are independent, so the backend's
     run_phased runs their recurrent loops side by side, in forward and in backward."""

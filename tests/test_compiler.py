@@ -478,7 +478,7 @@ def test_thread_choices_change_nothing_but_time(monkeypatch):
     for got in results[1:]:
         for a, b in zip(results[0], got):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    choices = module._call_kernels[id(module.cells[0])].thread_choices
+    choices = module._compiled[id(module.cells[0])][1].thread_choices
     assert {key[0] for key in choices} == {"forward", "backward"}
     assert all(c.best in (0, 1) and c.seconds[1] and c.seconds[0] for c in choices.values())  # both timed
 

@@ -351,27 +351,32 @@ class _Recurrent(Module):
         return output, (stacked if self.n_states > 1 else stacked[0])
 
     def _fused_for(self, X):
-        """Whether this call takes the fused path; if so, every cell's compiled kernels are in _call_kernels."""
-        if not self.fused:
+        """Whether this call takes the fused path; if so, every cell's current kernels are in _compiled."""
+        if not self._fused_wanted():
             return False
-        from ..compiler.trace import Unsupported
-        try:
-            self._compile_cells(X)
-        except Unsupported:
-            return False   # a device without compiled kernels: the reference path
-        return True
-
-    def _compile_cells(self, X):
-        """Find (compile on first use) every cell's kernels for this call, or raise Unsupported."""
         from ..compiler.blas import gemm
         from ..compiler.trace import Unsupported
-        if X.device.xp is not np:
-            raise Unsupported(f"a device without compiled kernels ({X.device!r})")
-        if gemm(X.dtype) is None:
-            raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
-        width = (2 if self.bidirectional else 1) * self.hidden_size
-        self._call_kernels = {id(cell): self._compiled_cell(cell, self.input_size if layer == 0 else width)
-                              for layer in range(self.num_layers) for cell in self._layer_cells(layer)}
+        try:
+            if X.device.xp is not np:
+                raise Unsupported(f"a device without compiled kernels ({X.device!r})")
+            if gemm(X.dtype) is None:
+                raise Unsupported("a numpy whose BLAS has no CBLAS gemm to call")
+            width = (2 if self.bidirectional else 1) * self.hidden_size
+            for layer in range(self.num_layers):
+                for cell in self._layer_cells(layer):
+                    self._compiled_cell(cell, self.input_size if layer == 0 else width)
+        except Unsupported as error:
+            return self._not_compiled(error)
+        return True
+
+    def _fused_wanted(self):
+        """Whether the fused path is asked for (the `fused` flag, resolved at construction)."""
+        return self.fused
+
+    def _not_compiled(self, error):
+        """What a call does when the cells cannot be compiled (`error`, an Unsupported): the reference path
+        (a device without compiled kernels)."""
+        return False
 
     def _compiled_cell(self, cell, in_features):
         """The cell's compiled kernels, traced again only when its tensors or plain attributes change."""
@@ -466,7 +471,7 @@ class _Recurrent(Module):
         """(the CompiledLayer op of one layer and direction, its inputs after X): run alone or, for a
         bidirectional layer, beside the other direction's (ops.bidirectional_layer)."""
         from ..compiler.fused import CompiledLayer
-        compiled = self._call_kernels[id(cell)]   # found by _fused_for at the start of this call
+        compiled = self._compiled[id(cell)][1]   # brought up to date by _fused_for at the start of this call
         state = tuple(state) if state is not None else self._zeros_state(X.shape[1], X)
         record = recorder.block_recorder(row, reverse) if recorder is not None else None
         op = CompiledLayer(compiled, lengths, self.recompute_every, record, type(self).__name__)
@@ -656,22 +661,20 @@ class Recurrent(_Recurrent):
         states = super()._initial_states(X, h0)
         return [self._zeros_state(X.shape[1], X) if s is None else s for s in states]
 
-    def _fused_for(self, X):
-        if self.fused is False or (self.fused is None and os.environ.get("NEEDLE_FUSED", "1") == "0"):
-            return False
-        from ..compiler.trace import Unsupported
-        try:
-            self._compile_cells(X)
-            return True
-        except Unsupported as error:
-            if self.fused:
-                raise ValueError(f"Recurrent: cannot compile the cell {type(self.cells[0]).__name__}: "
-                                 f"it uses {error.what}") from None
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"Recurrent: the cell {type(self.cells[0]).__name__} uses {error.what}, which "
-                              "a compiled step cannot run; taking the reference path", UserWarning, stacklevel=4)
-            return False
+    def _fused_wanted(self):
+        if self.fused is None:   # kept as given (API.md), so the environment is read at each call
+            return os.environ.get("NEEDLE_FUSED", "1") != "0"
+        return bool(self.fused)
+
+    def _not_compiled(self, error):
+        if self.fused:
+            raise ValueError(f"Recurrent: cannot compile the cell {type(self.cells[0]).__name__}: "
+                             f"it uses {error.what}") from None
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"Recurrent: the cell {type(self.cells[0]).__name__} uses {error.what}, which "
+                          "a compiled step cannot run; taking the reference path", UserWarning, stacklevel=5)
+        return False
 
 
 class Embedding(Module):

@@ -41,13 +41,6 @@ def _sum_to_shape(grad, shape):
     return grad if grad.shape == shape else _grad(grad.realize_cached_data(), shape)
 
 
-def _swap_last(a):
-    """An NDArray's last two axes swapped (a view)."""
-    order = list(range(a.ndim))
-    order[-1], order[-2] = order[-2], order[-1]
-    return a.permute(order)
-
-
 def _check_tensor(name, value):
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a needle Tensor, got {type(value).__name__}")
@@ -318,8 +311,8 @@ class MatMul(TensorOp):
     def gradient(self, out_grad, node):
         a, b = node.inputs
         g = out_grad.realize_cached_data()
-        return (_grad(g @ _swap_last(b.realize_cached_data()), a.shape) if a.requires_grad else None,
-                _grad(_swap_last(a.realize_cached_data()) @ g, b.shape) if b.requires_grad else None)
+        return (_grad(g @ _SWAP_LAST.compute(b.realize_cached_data()), a.shape) if a.requires_grad else None,
+                _grad(_SWAP_LAST.compute(a.realize_cached_data()) @ g, b.shape) if b.requires_grad else None)
 
 
 def matmul(a, b):
@@ -361,8 +354,8 @@ class Affine(TensorOp):
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
         g = out_grad.realize_cached_data()
-        return (_grad(g @ _swap_last(w.realize_cached_data())) if x.requires_grad else None,
-                _grad(_swap_last(x.realize_cached_data()) @ g) if w.requires_grad else None,
+        return (_grad(g @ _SWAP_LAST.compute(w.realize_cached_data())) if x.requires_grad else None,
+                _grad(_SWAP_LAST.compute(x.realize_cached_data()) @ g) if w.requires_grad else None,
                 _grad(g.sum(axis=(0,)).reshape(b.shape)) if b.requires_grad else None)
 
 
@@ -453,6 +446,9 @@ class Transpose(TensorOp):
 
     def gradient(self, out_grad, node):
         return _grad(self.compute(out_grad.realize_cached_data()))
+
+
+_SWAP_LAST = Transpose((-2, -1))   # matmul's and affine's gradients swap an NDArray's last two axes with it
 
 
 def transpose(a, axes=None):

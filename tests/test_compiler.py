@@ -298,7 +298,8 @@ def test_float64_gradcheck_and_reference(kind):
 @pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_builtin_cells_equal_builtin_layers(kind, bias):
-    """RNNCell, LSTMCell and GRUCell inside nn.Recurrent equal nn.RNN, nn.LSTM and nn.GRU, same weights."""
+    """RNNCell, LSTMCell and GRUCell compiled inside nn.Recurrent equal nn.RNN, nn.LSTM and nn.GRU stepped on
+    their reference path (the built-in layers' fused path is this same compiled path), same weights."""
     if kind.startswith("rnn"):
         nonlinearity = kind[4:]
         layer = nn.RNN(5, H, 2, bias=bias, nonlinearity=nonlinearity)
@@ -316,6 +317,7 @@ def test_builtin_cells_equal_builtin_layers(kind, bias):
     got = run_needle(module, X, state, lengths, up)
     layer.n_states = module.n_states
     layer.cells = cells
+    layer.fused = False
     want = run_needle(layer, X, state, lengths, up)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
@@ -345,7 +347,8 @@ def test_grad_flow_compiled_equals_reference(kind, with_lengths, every):
 
 
 def test_grad_flow_of_lstm_cells_equals_nn_lstm():
-    layer = nn.LSTM(5, H, 2, record_grad_flow=True)
+    """The compiled backward's ||dL/dh_t|| against nn.LSTM's reference path (its per-step probes)."""
+    layer = nn.LSTM(5, H, 2, record_grad_flow=True, fused=False)
     made = list(layer.lstm_cells)
     module = nn.Recurrent(lambda n: made.pop(0), 5, 2, fused=True, record_grad_flow=True)
     X, up = np.random.randn(9, 4, 5).astype(np.float32), np.random.randn(9, 4, H)

@@ -27,7 +27,8 @@ def needle_steps(workload, steps):
     T, B, F, H, L = WORKLOADS[workload]
     device = ndl.cuda()
     module = ndl.nn.LSTM(F, H, L, device=device)
-    X = ndl.Tensor(np.random.default_rng(0).standard_normal((T, B, F), dtype=np.float32), device=device)
+    X = ndl.Tensor(np.random.default_rng(0).standard_normal((T, B, F), dtype=np.float32), device=device,
+                   requires_grad=True)   # as torch's X: both compute dX
 
     def step():
         cupy.cuda.Device().synchronize()

@@ -14,7 +14,7 @@ from . import backend_ndarray as nd
 from .backend_ndarray.float_errors import QUIET as _FP_QUIET
 from .backend_ndarray.float_errors import STATE as _FP_STATE
 from .backend_ndarray.float_errors import quiet as _quiet_fp
-from .backend_ndarray.ndarray import _dtype_name, _numeric_numpy
+from .backend_ndarray.ndarray import NDArray, _dtype_name, _numeric_numpy
 
 __all__ = ["Value", "Tensor", "TensorTuple", "Op", "TensorOp", "TensorTupleOp", "no_grad",
            "is_grad_enabled", "compute_gradient_of_variables"]
@@ -114,37 +114,47 @@ class Value:
 
     @classmethod
     def make_from_op(cls, op, inputs):
-        devices = None
-        for value in inputs:
-            if not isinstance(value, Value):
-                raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(value).__name__}")
-            device = _device_of(value.cached_data)
-            if devices is None:
-                devices = device
-            elif device is not devices and device is not None:  # rare: tell the user which devices
-                _check_same_device(op, inputs)
+        # the per-op path of every op in needle: each check is one cheap test whose failure (rare) takes the
+        # slow branch that names the mistake
+        try:
+            arrays = [value.cached_data for value in inputs]
+        except AttributeError:
+            bad = next(v for v in inputs if not isinstance(v, Value))
+            raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(bad).__name__}") from None
+        if len(arrays) > 1:
+            first = arrays[0]
+            device = first._device if type(first) is NDArray else _device_of(first)
+            for data in arrays[1:]:
+                if (data._device if type(data) is NDArray else _device_of(data)) is not device:
+                    _check_same_device(op, inputs)  # raises unless the devices are equal after all
         token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
         try:
-            data = op.compute(*[value.realize_cached_data() for value in inputs])
+            data = op.compute(*arrays)
         finally:
             _FP_STATE.reset(token)
-        value = cls.__new__(cls)
+        value = _new_value(cls)
         value.cached_data = data
-        value.op, value.inputs, value.requires_grad = None, [], False
         if _GRAD_ENABLED:
             for v in inputs:
                 if v.requires_grad:
                     value.op, value.inputs, value.requires_grad = op, list(inputs), True
                     break
+            else:
+                value.op, value.inputs, value.requires_grad = None, [], False
+        else:
+            value.op, value.inputs, value.requires_grad = None, [], False
         if _anomaly.enabled:
             _anomaly.check_forward(op, inputs, value)
         return value
 
     @classmethod
     def make_const(cls, data, requires_grad=False):
-        value = cls.__new__(cls)
-        value._init(None, [], data, requires_grad)
+        value = _new_value(cls)
+        value.op, value.inputs, value.cached_data, value.requires_grad = None, [], data, requires_grad
         return value
+
+
+_new_value = object.__new__
 
 
 def _device_of(data):
@@ -224,8 +234,8 @@ class Tensor(Value):
     def make_const(data, requires_grad=False):
         if isinstance(data, Tensor):
             data = data.realize_cached_data()
-        tensor = Tensor.__new__(Tensor)
-        tensor._init(None, [], data, requires_grad)
+        tensor = _new_value(Tensor)
+        tensor.op, tensor.inputs, tensor.cached_data, tensor.requires_grad = None, [], data, requires_grad
         return tensor
 
     @property

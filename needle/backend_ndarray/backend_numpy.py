@@ -11,9 +11,9 @@ directions side by side) and `add_rows` for an embedding's gradient.
 """
 import numpy
 
-from .parallel_numpy import ewise, for_rows, reduce, run_phased, unary
+from .parallel_numpy import PARALLEL_FROM, ewise, for_rows, reduce, run_phased, unary
 
-__all__ = ["xp", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
+__all__ = ["xp", "PARALLEL_FROM", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
            "add_rows", "run_phased"]
 
 xp = numpy

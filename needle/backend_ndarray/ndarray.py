@@ -43,6 +43,8 @@ class BackendDevice:
         self._ewise = getattr(mod, "ewise", None)
         self._unary = getattr(mod, "unary", None)
         self._reduce = getattr(mod, "reduce", None)
+        # elementwise results smaller than this never reach the parallel entry points (a size test inline)
+        self.parallel_from = getattr(mod, "PARALLEL_FROM", 0)
 
     def __eq__(self, other):
         return isinstance(other, BackendDevice) and self.name == other.name
@@ -199,17 +201,7 @@ class NDArray:
     @staticmethod
     def from_xp(arr, device):
         """Wrap a backend array (numpy on cpu) as an NDArray, sharing memory when it is C-contiguous."""
-        # ufuncs on 0-d arrays return scalars, which `fill` and setitem could not write through
-        xp = device.xp
-        if type(arr) is not xp.ndarray:
-            arr = xp.asarray(arr)
-        if not arr.flags.c_contiguous:
-            arr = xp.ascontiguousarray(arr)
-        out = NDArray.__new__(NDArray)
-        shape = arr.shape
-        out._shape, out._strides, out._offset = shape, _compact_strides(shape), 0
-        out._device, out._handle, out._view = device, arr.reshape(-1), arr
-        return out
+        return _wrap(arr, device)
 
     # ---- properties
     @property
@@ -218,6 +210,8 @@ class NDArray:
 
     @property
     def strides(self):
+        if self._strides is None:
+            self._strides = _compact_strides(self._shape)
         return self._strides
 
     @property
@@ -228,9 +222,16 @@ class NDArray:
     def device(self):
         return self._device
 
+    def _buffer(self):
+        """The flat buffer this array is a view of (for an array made by from_xp, made here on first use: a
+        flat view of its C-contiguous data)."""
+        if self._handle is None:
+            self._handle = self._view.reshape(-1)
+        return self._handle
+
     @property
     def dtype(self):
-        dtype = self._handle.dtype
+        dtype = (self._handle if self._view is None else self._view).dtype
         return _DTYPE_NAMES.get(dtype) or dtype.name
 
     @property
@@ -277,7 +278,9 @@ class NDArray:
 
     # ---- layout
     def is_compact(self):
-        return self._strides == _compact_strides(self._shape) and self._handle.size == math.prod(self._shape)
+        if self._handle is None:  # made by from_xp: a whole C-contiguous buffer
+            return True
+        return self.strides == _compact_strides(self._shape) and self._handle.size == math.prod(self._shape)
 
     def compact(self):
         """This array if it is compact, else a compact copy."""
@@ -287,7 +290,7 @@ class NDArray:
         shape, strides = _as_shape(shape), _as_shape(strides)
         if len(shape) != len(strides):
             raise ValueError(f"as_strided: shape {shape} and strides {strides} differ in length")
-        return NDArray.make(shape, strides, self.device, self._handle, self._offset)
+        return NDArray.make(shape, strides, self.device, self._buffer(), self._offset)
 
     @property
     def flat(self):
@@ -299,30 +302,30 @@ class NDArray:
         if not self.is_compact():
             raise ValueError(f"reshape: NDArray of shape {self.shape} with strides {self.strides} is not "
                              "compact; call compact() first")
-        return NDArray.make(new_shape, device=self.device, handle=self._handle, offset=self._offset)
+        return NDArray.make(new_shape, device=self.device, handle=self._buffer(), offset=self._offset)
 
     def permute(self, new_axes):
         new_axes = tuple(new_axes)
         if sorted(new_axes) != list(range(self.ndim)):
             raise ValueError(f"permute: axes {new_axes} are not a permutation of {tuple(range(self.ndim))}")
-        return self.as_strided(tuple(self._shape[a] for a in new_axes), tuple(self._strides[a] for a in new_axes))
+        return self.as_strided(tuple(self._shape[a] for a in new_axes), tuple(self.strides[a] for a in new_axes))
 
     def broadcast_to(self, new_shape):
         new_shape = _as_shape(new_shape)
         check_broadcast_to("broadcast_to", self._shape, new_shape)
         lead = len(new_shape) - self.ndim
         strides = [0] * lead + [0 if old == 1 and new != 1 else st
-                                for old, new, st in zip(self._shape, new_shape[lead:], self._strides)]
+                                for old, new, st in zip(self._shape, new_shape[lead:], self.strides)]
         return self.as_strided(new_shape, strides)
 
     def flip(self, axes):
         """A view reversed along `axes` (negative strides)."""
         axes = _norm_axes("flip", axes, self._shape)
-        strides, offset = list(self._strides), self._offset
+        strides, offset = list(self.strides), self._offset
         for a in axes:
             offset += (self._shape[a] - 1) * strides[a] if self._shape[a] else 0
             strides[a] = -strides[a]
-        return NDArray.make(self._shape, tuple(strides), self.device, self._handle, offset)
+        return NDArray.make(self._shape, tuple(strides), self.device, self._buffer(), offset)
 
     def pad(self, axes):
         """Zero padding: `axes` gives (lo, hi) per axis."""
@@ -351,7 +354,7 @@ class NDArray:
             raise ValueError(f"NDArray indexing: {len(idxs)} indices for shape {self.shape}")
         idxs = idxs + (slice(None),) * (self.ndim - len(idxs))
         shape, strides, offset = [], [], self._offset
-        for axis, (idx, dim, stride) in enumerate(zip(idxs, self._shape, self._strides)):
+        for axis, (idx, dim, stride) in enumerate(zip(idxs, self._shape, self.strides)):
             if isinstance(idx, slice):
                 sl = self._process_slice(idx, dim)
             else:
@@ -362,7 +365,7 @@ class NDArray:
             offset += sl.start * stride
             shape.append(len(range(sl.start, sl.stop, sl.step)))
             strides.append(stride * sl.step)
-        return NDArray.make(tuple(shape), tuple(strides), self.device, self._handle, offset)
+        return NDArray.make(tuple(shape), tuple(strides), self.device, self._buffer(), offset)
 
     def __setitem__(self, idxs, other):
         view = self[idxs]
@@ -370,23 +373,32 @@ class NDArray:
 
     # ---- arithmetic: broadcasting as numpy does
     def _ewise(self, other, ufunc, reflected=False):
+        # the hot path of every elementwise op: slots read directly, the backend's parallel split only for
+        # results that may be big enough (the result has at most size(a) * size(b) elements)
+        a = self._view
+        if a is None:
+            a = self.x
         if isinstance(other, NDArray):
-            b = other.x
+            b = other._view
+            if b is None:
+                b = other.x
         elif isinstance(other, np.generic):  # a numpy scalar (np.float64) would promote float32 results
             b = other.item()
         else:
             b = other
-        a = self.x
-        if reflected:
-            a, b = b, a
         device = self._device
-        parallel = device._ewise
-        return NDArray.from_xp(parallel(ufunc, a, b) if parallel else ufunc(a, b), device)
+        if device._ewise is not None and a.size * getattr(b, "size", 1) >= device.parallel_from:
+            return _wrap(device._ewise(ufunc, b, a) if reflected else device._ewise(ufunc, a, b), device)
+        return _wrap(ufunc(b, a) if reflected else ufunc(a, b), device)
 
     def _unary(self, ufunc):
+        a = self._view
+        if a is None:
+            a = self.x
         device = self._device
-        parallel = device._unary
-        return NDArray.from_xp(parallel(ufunc, self.x) if parallel else ufunc(self.x), device)
+        if device._unary is not None and a.size >= device.parallel_from:
+            return _wrap(device._unary(ufunc, a), device)
+        return _wrap(ufunc(a), device)
 
     def __add__(self, other):
         return self._ewise(other, self._device.xp.add)
@@ -473,6 +485,26 @@ class NDArray:
 
     def max(self, axis=None, keepdims=False):
         return self._reduce("max", axis, keepdims)
+
+
+_new_array = object.__new__
+
+
+def _wrap(arr, device):
+    """NDArray.from_xp: a backend array as an NDArray (a C-contiguous copy where it is not C-contiguous).
+    Only the slots every op reads are filled here; strides and the flat buffer are made on first use."""
+    xp = device.xp
+    if type(arr) is not xp.ndarray:  # ufuncs on 0-d arrays return scalars, which setitem could not write
+        arr = xp.asarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = xp.ascontiguousarray(arr)
+    out = _new_array(NDArray)
+    out._shape = arr.shape
+    out._device = device
+    out._view = arr
+    out._offset = 0
+    out._strides = out._handle = None
+    return out
 
 
 def _resolve_shape(who, old_shape, new_shape):

@@ -27,9 +27,10 @@ from threadpoolctl import ThreadpoolController
 
 from .float_errors import quiet_this_thread
 
-__all__ = ["num_threads", "for_rows", "ewise", "unary", "reduce", "run_phased"]
+__all__ = ["PARALLEL_FROM", "num_threads", "for_rows", "ewise", "unary", "reduce", "run_phased"]
 
 _MIN_ELEMENTS = 1 << 17
+PARALLEL_FROM = 2 * _MIN_ELEMENTS  # elementwise passes smaller than this run on the caller's thread
 _state = {"threads": None, "pool": None, "blas": None}
 _local = threading.local()
 

@@ -509,7 +509,7 @@ class Split(TensorTupleOp):
         shape = a.shape[:self.axis] + a.shape[self.axis + 1:]
         strides = a.strides[:self.axis] + a.strides[self.axis + 1:]
         step = a.strides[self.axis]
-        return tuple(NDArray.make(shape, strides, a.device, a._handle, a.offset + i * step)
+        return tuple(NDArray.make(shape, strides, a.device, a._buffer(), a.offset + i * step)
                      for i in range(a.shape[self.axis]))
 
     def gradient(self, out_grad, node):

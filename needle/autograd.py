@@ -115,18 +115,27 @@ class Value:
     @classmethod
     def make_from_op(cls, op, inputs):
         # the per-op path of every op in needle: each check is one cheap test whose failure (rare) takes the
-        # slow branch that names the mistake
+        # slow branch that names the mistake; one and two inputs (most ops) without a loop
+        n = len(inputs)
         try:
-            arrays = [value.cached_data for value in inputs]
+            if n == 2:
+                arrays = (inputs[0].cached_data, inputs[1].cached_data)
+            elif n == 1:
+                arrays = (inputs[0].cached_data,)
+            else:
+                arrays = [value.cached_data for value in inputs]
         except AttributeError:
             bad = next(v for v in inputs if not isinstance(v, Value))
             raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(bad).__name__}") from None
-        if len(arrays) > 1:
-            first = arrays[0]
-            device = first._device if type(first) is NDArray else _device_of(first)
-            for data in arrays[1:]:
-                if (data._device if type(data) is NDArray else _device_of(data)) is not device:
-                    _check_same_device(op, inputs)  # raises unless the devices are equal after all
+        if n == 2:
+            a, b = arrays
+            if type(a) is not NDArray or type(b) is not NDArray or a.device is not b.device:
+                _check_same_device(op, inputs)  # raises unless the devices are equal after all
+        elif n > 2:
+            device = _device_of(arrays[0])
+            for data in arrays:
+                if (data.device if type(data) is NDArray else _device_of(data)) is not device:
+                    _check_same_device(op, inputs)
         token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
         try:
             data = op.compute(*arrays)
@@ -157,6 +166,13 @@ class Value:
 _new_value = object.__new__
 
 
+def _constant(data, requires_grad=False):
+    """Tensor.make_const of an NDArray, in the fewest steps (every gradient the ops compute is one)."""
+    tensor = _new_value(Tensor)
+    tensor.op, tensor.inputs, tensor.cached_data, tensor.requires_grad = None, [], data, requires_grad
+    return tensor
+
+
 def _device_of(data):
     """The device of an NDArray or of a tuple's first NDArray; None for an empty tuple."""
     if type(data) is tuple:
@@ -178,8 +194,7 @@ class TensorTuple(Value):
         return len(self.cached_data)
 
     def __getitem__(self, index):
-        from .ops import tuple_get_item
-        return tuple_get_item(self, index)
+        return ops.tuple_get_item(self, index)
 
     def tuple(self):
         return tuple(self[i] for i in range(len(self)))
@@ -234,9 +249,7 @@ class Tensor(Value):
     def make_const(data, requires_grad=False):
         if isinstance(data, Tensor):
             data = data.realize_cached_data()
-        tensor = _new_value(Tensor)
-        tensor.op, tensor.inputs, tensor.cached_data, tensor.requires_grad = None, [], data, requires_grad
-        return tensor
+        return _constant(data, requires_grad)
 
     @property
     def data(self):
@@ -364,15 +377,22 @@ def _topo_order(outputs, every_input=False):
 
 
 def compute_gradient_of_variables(output, out_grad):
-    """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it."""
+    """Backpropagate `out_grad` from `output`, accumulating `.grad` on the leaves that require it.
+
+    A value that receives several gradients keeps their running sum as a bare NDArray that this walk made
+    and nothing else holds, so the third gradient on is added in place; it becomes a Tensor when the
+    value's turn comes. A gradient Tensor itself is never written to: an op may hand one to several inputs.
+    """
     # gradients may compute on NDArrays directly, outside any op; under detect_anomaly each step is checked
     with no_grad(), _quiet_fp(), _anomaly.backward_walk() as checking:
         grads = {id(output): out_grad}
-        pop, tuple_get_item = grads.pop, ops.TupleGetItem  # looked up once: the loop runs once per node
+        pop, get, tuple_get_item = grads.pop, grads.get, ops.TupleGetItem  # looked up once: the loop is hot
         for node in reversed(_topo_order(output)):
             grad = pop(id(node), None)
             if grad is None:
                 continue
+            if type(grad) is NDArray:  # a running sum (above)
+                grad = _constant(grad)
             op = node.op
             if op is None:
                 if node.requires_grad and isinstance(node, Tensor):
@@ -392,15 +412,20 @@ def compute_gradient_of_variables(output, out_grad):
                 if isinstance(value, TensorTuple):
                     for i, g in enumerate(value_grad):
                         _add_tuple_slot(grads, value, i, g)
+                    continue
+                key = id(value)
+                previous = get(key)
+                if previous is None:
+                    grads[key] = value_grad
+                elif type(previous) is NDArray:
+                    previous._add_in_place(value_grad.cached_data)
                 else:
-                    key = id(value)
-                    previous = grads.get(key)
-                    grads[key] = value_grad if previous is None else _summed(previous, value_grad)
+                    grads[key] = previous.cached_data + value_grad.cached_data
 
 
 def _summed(a, b):
     """Two gradients of one value, summed on their arrays (no op recorded) as a constant Tensor."""
-    return Tensor.make_const(a.realize_cached_data() + b.realize_cached_data())
+    return _constant(a.cached_data + b.cached_data)
 
 
 def _add_tuple_slot(grads, tuple_value, index, grad):

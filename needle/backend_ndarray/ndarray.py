@@ -130,6 +130,12 @@ def _check_device(device):
 
 
 def _as_shape(shape):
+    if type(shape) is tuple:  # the common case: a tuple of ints, returned as it is
+        for d in shape:
+            if type(d) is not int:
+                break
+        else:
+            return shape
     if isinstance(shape, numbers.Integral):
         shape = (shape,)
     try:
@@ -162,7 +168,7 @@ def _numeric_numpy(data, who):
 class NDArray:
     """A float n-d array: `shape`, `strides` (in elements) and `offset` over a device's flat buffer."""
 
-    __slots__ = ("_shape", "_strides", "_offset", "_device", "_handle", "_view")
+    __slots__ = ("shape", "_strides", "_offset", "device", "_handle", "_view")
     __array_ufunc__ = None  # `np.float64(2) - a` defers to our reflected operators instead of iterating `a`
 
     def __init__(self, other, device=None, dtype=None):
@@ -180,10 +186,10 @@ class NDArray:
         self._init(arr.shape, _compact_strides(arr.shape), 0, device, device.mod.from_numpy(arr))
 
     def _init(self, shape, strides, offset, device, handle):
-        self._shape = tuple(shape)
+        self.shape = tuple(shape)
         self._strides = tuple(strides)
         self._offset = offset
-        self._device = device
+        self.device = device
         self._handle = handle
         self._view = None
 
@@ -198,6 +204,13 @@ class NDArray:
         array._init(shape, _compact_strides(shape) if strides is None else strides, offset, device, handle)
         return array
 
+    def _part(self, view, shape, strides, offset):
+        """An NDArray over this array's buffer with the given layout, whose backend view `view` the caller
+        made (slicing self.x is cheaper than making the view from the layout later)."""
+        out = NDArray.make(shape, strides, self.device, self._buffer(), offset)
+        out._view = view
+        return out
+
     @staticmethod
     def from_xp(arr, device):
         """Wrap a backend array (numpy on cpu) as an NDArray, sharing memory when it is C-contiguous."""
@@ -205,22 +218,14 @@ class NDArray:
 
     # ---- properties
     @property
-    def shape(self):
-        return self._shape
-
-    @property
     def strides(self):
         if self._strides is None:
-            self._strides = _compact_strides(self._shape)
+            self._strides = _compact_strides(self.shape)
         return self._strides
 
     @property
     def offset(self):
         return self._offset
-
-    @property
-    def device(self):
-        return self._device
 
     def _buffer(self):
         """The flat buffer this array is a view of (for an array made by from_xp, made here on first use: a
@@ -236,17 +241,17 @@ class NDArray:
 
     @property
     def ndim(self):
-        return len(self._shape)
+        return len(self.shape)
 
     @property
     def size(self):
-        return math.prod(self._shape)
+        return math.prod(self.shape)
 
     @property
     def x(self):
         """The backend's strided view of this array (a numpy array on cpu); shares memory."""
         if self._view is None:
-            self._view = self._device.mod.view(self._handle, self._shape, self._strides, self._offset)
+            self._view = self.device.mod.view(self._handle, self.shape, self._strides, self._offset)
         return self._view
 
     def __repr__(self):
@@ -256,13 +261,13 @@ class NDArray:
         return str(self.numpy())
 
     def __len__(self):
-        if not self._shape:
+        if not self.shape:
             raise TypeError("len() of a 0-d NDArray")
-        return self._shape[0]
+        return self.shape[0]
 
     def numpy(self):
         """A numpy copy."""
-        return self._device.mod.to_numpy(self.x)
+        return self.device.mod.to_numpy(self.x)
 
     def to(self, device):
         device = _check_device(device)
@@ -280,11 +285,11 @@ class NDArray:
     def is_compact(self):
         if self._handle is None:  # made by from_xp: a whole C-contiguous buffer
             return True
-        return self.strides == _compact_strides(self._shape) and self._handle.size == math.prod(self._shape)
+        return self.strides == _compact_strides(self.shape) and self._handle.size == math.prod(self.shape)
 
     def compact(self):
         """This array if it is compact, else a compact copy."""
-        return self if self.is_compact() else NDArray.from_xp(self._device.xp.ascontiguousarray(self.x), self.device)
+        return self if self.is_compact() else NDArray.from_xp(self.device.xp.ascontiguousarray(self.x), self.device)
 
     def as_strided(self, shape, strides):
         shape, strides = _as_shape(shape), _as_shape(strides)
@@ -298,44 +303,52 @@ class NDArray:
 
     def reshape(self, new_shape):
         """A view with `new_shape` (one entry may be -1); only for compact arrays."""
-        new_shape = _resolve_shape("reshape", self._shape, new_shape)
+        new_shape = _resolve_shape("reshape", self.shape, new_shape)
+        if self._handle is None:  # made by from_xp, C-contiguous: the backend's reshape is a view of it
+            return _wrap(self._view.reshape(new_shape), self.device)
         if not self.is_compact():
             raise ValueError(f"reshape: NDArray of shape {self.shape} with strides {self.strides} is not "
                              "compact; call compact() first")
-        return NDArray.make(new_shape, device=self.device, handle=self._buffer(), offset=self._offset)
+        out = NDArray.make(new_shape, device=self.device, handle=self._buffer(), offset=self._offset)
+        if self._view is not None:  # the backend's own view of the same memory, cheaper than making one later
+            out._view = self._view.reshape(new_shape)
+        return out
 
     def permute(self, new_axes):
         new_axes = tuple(new_axes)
         if sorted(new_axes) != list(range(self.ndim)):
             raise ValueError(f"permute: axes {new_axes} are not a permutation of {tuple(range(self.ndim))}")
-        return self.as_strided(tuple(self._shape[a] for a in new_axes), tuple(self.strides[a] for a in new_axes))
+        out = self.as_strided(tuple(self.shape[a] for a in new_axes), tuple(self.strides[a] for a in new_axes))
+        if self._view is not None:
+            out._view = self._view.transpose(new_axes)
+        return out
 
     def broadcast_to(self, new_shape):
         new_shape = _as_shape(new_shape)
-        check_broadcast_to("broadcast_to", self._shape, new_shape)
+        check_broadcast_to("broadcast_to", self.shape, new_shape)
         lead = len(new_shape) - self.ndim
         strides = [0] * lead + [0 if old == 1 and new != 1 else st
-                                for old, new, st in zip(self._shape, new_shape[lead:], self.strides)]
+                                for old, new, st in zip(self.shape, new_shape[lead:], self.strides)]
         return self.as_strided(new_shape, strides)
 
     def flip(self, axes):
         """A view reversed along `axes` (negative strides)."""
-        axes = _norm_axes("flip", axes, self._shape)
+        axes = _norm_axes("flip", axes, self.shape)
         strides, offset = list(self.strides), self._offset
         for a in axes:
-            offset += (self._shape[a] - 1) * strides[a] if self._shape[a] else 0
+            offset += (self.shape[a] - 1) * strides[a] if self.shape[a] else 0
             strides[a] = -strides[a]
-        return NDArray.make(self._shape, tuple(strides), self.device, self._buffer(), offset)
+        return NDArray.make(self.shape, tuple(strides), self.device, self._buffer(), offset)
 
     def pad(self, axes):
         """Zero padding: `axes` gives (lo, hi) per axis."""
         axes = tuple(tuple(p) for p in axes)
         if len(axes) != self.ndim or any(len(p) != 2 or min(p) < 0 for p in axes):
             raise ValueError(f"pad: expected {self.ndim} pairs of non-negative (lo, hi), got {axes}")
-        out = NDArray.make(tuple(d + lo + hi for d, (lo, hi) in zip(self._shape, axes)), device=self.device,
+        out = NDArray.make(tuple(d + lo + hi for d, (lo, hi) in zip(self.shape, axes)), device=self.device,
                            dtype=self.dtype)
         out.fill(0.0)
-        out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(self._shape, axes))] = self
+        out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(self.shape, axes))] = self
         return out
 
     # ---- indexing: one int or slice per axis, result keeps ndim
@@ -354,7 +367,7 @@ class NDArray:
             raise ValueError(f"NDArray indexing: {len(idxs)} indices for shape {self.shape}")
         idxs = idxs + (slice(None),) * (self.ndim - len(idxs))
         shape, strides, offset = [], [], self._offset
-        for axis, (idx, dim, stride) in enumerate(zip(idxs, self._shape, self.strides)):
+        for axis, (idx, dim, stride) in enumerate(zip(idxs, self.shape, self.strides)):
             if isinstance(idx, slice):
                 sl = self._process_slice(idx, dim)
             else:
@@ -374,7 +387,8 @@ class NDArray:
     # ---- arithmetic: broadcasting as numpy does
     def _ewise(self, other, ufunc, reflected=False):
         # the hot path of every elementwise op: slots read directly, the backend's parallel split only for
-        # results that may be big enough (the result has at most size(a) * size(b) elements)
+        # results that may be big enough: an operand that big, or two that broadcast against each other into
+        # as many elements at most as size(a) * size(b)
         a = self._view
         if a is None:
             a = self.x
@@ -386,50 +400,58 @@ class NDArray:
             b = other.item()
         else:
             b = other
-        device = self._device
-        if device._ewise is not None and a.size * getattr(b, "size", 1) >= device.parallel_from:
-            return _wrap(device._ewise(ufunc, b, a) if reflected else device._ewise(ufunc, a, b), device)
+        device = self.device
+        if device._ewise is not None:
+            n, m, big = a.size, getattr(b, "size", 1), device.parallel_from
+            if n >= big or m >= big or (n * m >= big and a.shape != b.shape):
+                return _wrap(device._ewise(ufunc, b, a) if reflected else device._ewise(ufunc, a, b), device)
         return _wrap(ufunc(b, a) if reflected else ufunc(a, b), device)
+
+    def _add_in_place(self, other):
+        """self += other (an NDArray of self's shape), for the backward walk's running sums (not public: an
+        NDArray is otherwise never written by arithmetic)."""
+        out = self.x
+        self.device.xp.add(out, other.x, out=out)
 
     def _unary(self, ufunc):
         a = self._view
         if a is None:
             a = self.x
-        device = self._device
+        device = self.device
         if device._unary is not None and a.size >= device.parallel_from:
             return _wrap(device._unary(ufunc, a), device)
         return _wrap(ufunc(a), device)
 
     def __add__(self, other):
-        return self._ewise(other, self._device.xp.add)
+        return self._ewise(other, self.device.xp.add)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return self._ewise(other, self._device.xp.subtract)
+        return self._ewise(other, self.device.xp.subtract)
 
     def __rsub__(self, other):
-        return self._ewise(other, self._device.xp.subtract, reflected=True)
+        return self._ewise(other, self.device.xp.subtract, reflected=True)
 
     def __mul__(self, other):
-        return self._ewise(other, self._device.xp.multiply)
+        return self._ewise(other, self.device.xp.multiply)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        return self._ewise(other, self._device.xp.true_divide)
+        return self._ewise(other, self.device.xp.true_divide)
 
     def __rtruediv__(self, other):
-        return self._ewise(other, self._device.xp.true_divide, reflected=True)
+        return self._ewise(other, self.device.xp.true_divide, reflected=True)
 
     def __neg__(self):
-        return self._unary(self._device.xp.negative)
+        return self._unary(self.device.xp.negative)
 
     def __pow__(self, other):
-        return self._ewise(other, self._device.xp.power)
+        return self._ewise(other, self.device.xp.power)
 
     def maximum(self, other):
-        return self._ewise(other, self._device.xp.maximum)
+        return self._ewise(other, self.device.xp.maximum)
 
     def _compare(self, other, fn):
         return self._ewise(other, lambda a, b: fn(a, b).astype(a.dtype))
@@ -455,30 +477,30 @@ class NDArray:
     __hash__ = None
 
     def log(self):
-        return self._unary(self._device.xp.log)
+        return self._unary(self.device.xp.log)
 
     def exp(self):
-        return self._unary(self._device.xp.exp)
+        return self._unary(self.device.xp.exp)
 
     def tanh(self):
-        return self._unary(self._device.xp.tanh)
+        return self._unary(self.device.xp.tanh)
 
     def sigmoid(self):
         # 0.5 * tanh(0.5 x) + 0.5: stable for any x, and tanh is cheaper than exp plus a reciprocal
-        out = self._device.xp.tanh(self.x * 0.5)
+        out = self.device.xp.tanh(self.x * 0.5)
         out *= 0.5
         out += 0.5
         return NDArray.from_xp(out, self.device)
 
     def __matmul__(self, other):
-        return NDArray.from_xp(self._device.xp.matmul(self.x, other.x), self.device)
+        return NDArray.from_xp(self.device.xp.matmul(self.x, other.x), self.device)
 
     # ---- reductions
     def _reduce(self, kind, axis, keepdims):
-        parallel = self._device._reduce
+        parallel = self.device._reduce
         out = parallel(self.x, kind, axis, keepdims) if parallel else getattr(self.x, kind)(axis=axis,
                                                                                             keepdims=keepdims)
-        return NDArray.from_xp(self._device.xp.asarray(out), self.device)
+        return NDArray.from_xp(self.device.xp.asarray(out), self.device)
 
     def sum(self, axis=None, keepdims=False):
         return self._reduce("sum", axis, keepdims)
@@ -499,8 +521,8 @@ def _wrap(arr, device):
     if not arr.flags.c_contiguous:
         arr = xp.ascontiguousarray(arr)
     out = _new_array(NDArray)
-    out._shape = arr.shape
-    out._device = device
+    out.shape = arr.shape
+    out.device = device
     out._view = arr
     out._offset = 0
     out._strides = out._handle = None
@@ -540,7 +562,7 @@ def _norm_axes(who, axes, shape):
     ndim = len(shape)
     if axes is None:
         return tuple(range(ndim))
-    if isinstance(axes, numbers.Integral):
+    if type(axes) is int or isinstance(axes, numbers.Integral):  # the cheap test first
         axes = (axes,)
     out = []
     for a in axes:

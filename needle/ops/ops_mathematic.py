@@ -1,15 +1,18 @@
 """Elementwise, linear-algebra and shape operations: compute (NDArrays) directly above gradient (Tensors).
 
-Gradients hold no graph (backward runs under no_grad), so the gradients here compute on NDArrays, as
-`compute` does, and wrap the result once as a constant Tensor: one numpy call and one wrapper per factor,
-not a recorded op each. Backward reuses what forward produced (`node.realize_cached_data()`). A binary op
+Gradients hold no graph (backward runs under no_grad), so the gradients here compute on arrays, not
+recorded ops, and wrap the result once as a constant Tensor. The elementwise and matrix gradients work on
+the backend's arrays (`.x`: numpy's on cpu, CuPy's on cuda) and wrap only their result: a product of three
+factors is then three numpy calls and one wrapper, not three NDArrays (the wrapper and the NDArray's dispatch
+cost as much as the numpy call itself on small tensors). Backward reuses what forward produced
+(`node.cached_data`). A binary op
 whose gradient costs work per input (multiply, divide, matmul) returns None for an input that needs no
 gradient (a batch of data, a constant), which the backward walk skips.
 """
 import numbers
 import operator
 
-from ..autograd import Tensor, TensorOp, TensorTuple, TensorTupleOp
+from ..autograd import Tensor, TensorOp, TensorTuple, TensorTupleOp, _constant
 from ..backend_ndarray.ndarray import NDArray, _norm_axes, _resolve_shape, check_broadcast_to
 
 __all__ = [
@@ -33,21 +36,30 @@ def _summed_to(grad, shape):
 
 def _grad(data, shape=None):
     """An op's gradient computed on NDArrays, summed to `shape` when given, as a constant Tensor."""
-    return Tensor.make_const(data if shape is None else _summed_to(data, shape))
+    if shape is not None and data.shape != shape:
+        data = _summed_to(data, shape)
+    return _constant(data)
+
+
+def _grad_x(x, like, shape=None):
+    """_grad of a backend array `x` computed from the NDArray `like` (on like's device)."""
+    return _grad(NDArray.from_xp(x, like.device), shape)
 
 
 def _sum_to_shape(grad, shape):
     """A broadcast operand's gradient Tensor summed back to the operand's shape."""
-    return grad if grad.shape == shape else _grad(grad.realize_cached_data(), shape)
+    return grad if grad.cached_data.shape == shape else _grad(grad.cached_data, shape)
 
 
 def _check_tensor(name, value):
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a needle Tensor, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a needle Tensor, got {type(value).__name__}") from None
 
 
 def _check_binary(name, a, b):
-    """TypeError unless both are Tensors; ValueError unless their shapes broadcast as in numpy."""
+    """TypeError unless both are Tensors; ValueError unless their shapes broadcast as in numpy. The binary
+    ops call it only once their op has failed (numpy and make_from_op refuse what it refuses), so the check
+    costs nothing on the way that works and the error still names the op and both shapes."""
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
         _check_tensor(name, a)
         _check_tensor(name, b)
@@ -56,10 +68,12 @@ def _check_binary(name, a, b):
         return
     for x, y in zip(reversed(shape_a), reversed(shape_b)):
         if x != y and x != 1 and y != 1:
-            raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot broadcast")
+            raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot broadcast") from None
 
 
 def _check_scalar(name, scalar):
+    if type(scalar) is float or type(scalar) is int:  # the common case in two cheap tests
+        return
     if not isinstance(scalar, numbers.Real) or isinstance(scalar, bool):
         raise TypeError(f"{name}: expected a real number, got {type(scalar).__name__} {scalar!r:.40}")
 
@@ -77,9 +91,15 @@ class EWiseAdd(TensorOp):
         return _sum_to_shape(out_grad, a.shape), _sum_to_shape(out_grad, b.shape)
 
 
+_ADD = EWiseAdd()  # one instance serves every call: the op holds no state
+
+
 def add(a, b):
-    _check_binary("add", a, b)
-    return EWiseAdd()(a, b)
+    try:
+        return _ADD(a, b)
+    except (TypeError, ValueError):
+        _check_binary("add", a, b)
+        raise
 
 
 class AddScalar(TensorOp):
@@ -108,14 +128,20 @@ class EWiseMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        g = out_grad.realize_cached_data()
-        return (_grad(g * b.realize_cached_data(), a.shape) if a.requires_grad else None,
-                _grad(g * a.realize_cached_data(), b.shape) if b.requires_grad else None)
+        g = out_grad.cached_data
+        return (_grad_x(g.x * b.cached_data.x, g, a.shape) if a.requires_grad else None,
+                _grad_x(g.x * a.cached_data.x, g, b.shape) if b.requires_grad else None)
+
+
+_MULTIPLY = EWiseMul()  # one instance serves every call: the op holds no state
 
 
 def multiply(a, b):
-    _check_binary("multiply", a, b)
-    return EWiseMul()(a, b)
+    try:
+        return _MULTIPLY(a, b)
+    except (TypeError, ValueError):
+        _check_binary("multiply", a, b)
+        raise
 
 
 class MulScalar(TensorOp):
@@ -128,7 +154,7 @@ class MulScalar(TensorOp):
         return a * self.scalar
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data() * self.scalar)
+        return _grad(out_grad.cached_data * self.scalar)  # NDArray's *: a numpy scalar keeps float32
 
 
 def mul_scalar(a, scalar):
@@ -144,14 +170,21 @@ class EWiseDiv(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        grad_a = out_grad.realize_cached_data() / b.realize_cached_data()
-        return (_grad(grad_a, a.shape) if a.requires_grad else None,
-                _grad(-grad_a * node.realize_cached_data(), b.shape) if b.requires_grad else None)
+        g = out_grad.cached_data
+        grad_a = g.x / b.cached_data.x
+        return (_grad_x(grad_a, g, a.shape) if a.requires_grad else None,
+                _grad_x(-grad_a * node.cached_data.x, g, b.shape) if b.requires_grad else None)
+
+
+_DIVIDE = EWiseDiv()  # one instance serves every call: the op holds no state
 
 
 def divide(a, b):
-    _check_binary("divide", a, b)
-    return EWiseDiv()(a, b)
+    try:
+        return _DIVIDE(a, b)
+    except (TypeError, ValueError):
+        _check_binary("divide", a, b)
+        raise
 
 
 class DivScalar(TensorOp):
@@ -164,7 +197,7 @@ class DivScalar(TensorOp):
         return a / self.scalar
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data() / self.scalar)
+        return _grad(out_grad.cached_data / self.scalar)
 
 
 def divide_scalar(a, scalar):
@@ -181,15 +214,21 @@ class EWisePow(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        a_data, b_data = a.realize_cached_data(), b.realize_cached_data()
-        g = out_grad.realize_cached_data()
+        a_data, b_data = a.cached_data, b.cached_data
+        g = out_grad.cached_data
         return (_grad(g * (b_data * a_data ** (b_data - 1.0)), a.shape),
-                _grad(g * (node.realize_cached_data() * a_data.log()), b.shape))
+                _grad(g * (node.cached_data * a_data.log()), b.shape))
+
+
+_POWER = EWisePow()  # one instance serves every call: the op holds no state
 
 
 def power(a, b):
-    _check_binary("power", a, b)
-    return EWisePow()(a, b)
+    try:
+        return _POWER(a, b)
+    except (TypeError, ValueError):
+        _check_binary("power", a, b)
+        raise
 
 
 class PowerScalar(TensorOp):
@@ -202,8 +241,8 @@ class PowerScalar(TensorOp):
         return a ** self.scalar
 
     def gradient(self, out_grad, node):
-        a = node.inputs[0].realize_cached_data()
-        return _grad(out_grad.realize_cached_data() * (a ** (self.scalar - 1) * self.scalar))
+        a = node.inputs[0].cached_data
+        return _grad(out_grad.cached_data * (a ** (self.scalar - 1) * self.scalar))
 
 
 def power_scalar(a, scalar):
@@ -218,11 +257,15 @@ class Negate(TensorOp):
         return -a
 
     def gradient(self, out_grad, node):
-        return _grad(-out_grad.realize_cached_data())
+        g = out_grad.cached_data
+        return _grad_x(-g.x, g)
+
+
+_NEGATE = Negate()
 
 
 def negate(a):
-    return Negate()(a)
+    return _NEGATE(a)
 
 
 class Log(TensorOp):
@@ -232,11 +275,15 @@ class Log(TensorOp):
         return a.log()
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data() / node.inputs[0].realize_cached_data())
+        g = out_grad.cached_data
+        return _grad_x(g.x / node.inputs[0].cached_data.x, g)
+
+
+_LOG = Log()
 
 
 def log(a):
-    return Log()(a)
+    return _LOG(a)
 
 
 class Exp(TensorOp):
@@ -246,11 +293,15 @@ class Exp(TensorOp):
         return a.exp()
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data() * node.realize_cached_data())
+        g = out_grad.cached_data
+        return _grad_x(g.x * node.cached_data.x, g)
+
+
+_EXP = Exp()
 
 
 def exp(a):
-    return Exp()(a)
+    return _EXP(a)
 
 
 class ReLU(TensorOp):
@@ -260,11 +311,15 @@ class ReLU(TensorOp):
         return a.maximum(0.0)
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data() * (node.realize_cached_data() > 0.0))
+        g = out_grad.cached_data
+        return _grad_x(g.x * (node.cached_data.x > 0.0), g)
+
+
+_RELU = ReLU()
 
 
 def relu(a):
-    return ReLU()(a)
+    return _RELU(a)
 
 
 class Tanh(TensorOp):
@@ -275,12 +330,15 @@ class Tanh(TensorOp):
         return a.tanh()
 
     def gradient(self, out_grad, node):
-        out = node.realize_cached_data()
-        return _grad(out_grad.realize_cached_data() * (1.0 - out * out))
+        out, g = node.cached_data.x, out_grad.cached_data
+        return _grad_x(g.x * (1.0 - out * out), g)
+
+
+_TANH = Tanh()
 
 
 def tanh(a):
-    return Tanh()(a)
+    return _TANH(a)
 
 
 class Sigmoid(TensorOp):
@@ -291,12 +349,15 @@ class Sigmoid(TensorOp):
         return a.sigmoid()
 
     def gradient(self, out_grad, node):
-        out = node.realize_cached_data()
-        return _grad(out_grad.realize_cached_data() * (out * (1.0 - out)))
+        out, g = node.cached_data.x, out_grad.cached_data
+        return _grad_x(g.x * (out * (1.0 - out)), g)
+
+
+_SIGMOID = Sigmoid()
 
 
 def sigmoid(a):
-    return Sigmoid()(a)
+    return _SIGMOID(a)
 
 
 # ---- linear algebra --------------------------------------------------------------------------------------
@@ -310,22 +371,49 @@ class MatMul(TensorOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        g = out_grad.realize_cached_data()
-        return (_grad(g @ _SWAP_LAST.compute(b.realize_cached_data()), a.shape) if a.requires_grad else None,
-                _grad(_SWAP_LAST.compute(a.realize_cached_data()) @ g, b.shape) if b.requires_grad else None)
+        g = out_grad.cached_data
+        return (_grad(_times_swapped(g, b.cached_data), a.shape) if a.requires_grad else None,
+                _grad(_swapped_times(a.cached_data, g), b.shape) if b.requires_grad else None)
 
 
-def matmul(a, b):
+def _times_swapped(a, b):
+    """a @ b with b's last two axes swapped, for the gradients of matmul and affine: the backend's own
+    transposed view (numpy's, CuPy's) goes straight into its matmul, no NDArray view made per call."""
+    xp = a.device.xp
+    return NDArray.from_xp(xp.matmul(a.x, xp.swapaxes(b.x, -1, -2)), a.device)
+
+
+def _swapped_times(a, b):
+    """a @ b with a's last two axes swapped (as _times_swapped)."""
+    xp = a.device.xp
+    return NDArray.from_xp(xp.matmul(xp.swapaxes(a.x, -1, -2), b.x), a.device)
+
+
+def _check_matmul(a, b):
     _check_tensor("matmul", a)
     _check_tensor("matmul", b)
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError(f"matmul: operands must be at least 2-D, got {a.shape} @ {b.shape}")
     if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
+        raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}") from None
     for x, y in zip(reversed(a.shape[:-2]), reversed(b.shape[:-2])):
         if x != y and x != 1 and y != 1:
-            raise ValueError(f"matmul: batch dimensions cannot broadcast: {a.shape} @ {b.shape}")
-    return MatMul()(a, b)
+            raise ValueError(f"matmul: batch dimensions cannot broadcast: {a.shape} @ {b.shape}") from None
+
+
+_MATMUL = MatMul()
+
+
+def matmul(a, b):
+    # numpy would take 1-D operands, so that test stays on the way that works; numpy refuses the other
+    # mistakes itself, and the check that names them runs once it has
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or len(a.shape) < 2 or len(b.shape) < 2:
+        _check_matmul(a, b)
+    try:
+        return _MATMUL(a, b)
+    except ValueError:
+        _check_matmul(a, b)
+        raise
 
 
 def _for_rows(device, fn, rows, elements):
@@ -353,21 +441,32 @@ class Affine(TensorOp):
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
-        g = out_grad.realize_cached_data()
-        return (_grad(g @ _SWAP_LAST.compute(w.realize_cached_data())) if x.requires_grad else None,
-                _grad(_SWAP_LAST.compute(x.realize_cached_data()) @ g) if w.requires_grad else None,
+        g = out_grad.cached_data
+        return (_grad(_times_swapped(g, w.cached_data)) if x.requires_grad else None,
+                _grad(_swapped_times(x.cached_data, g)) if w.requires_grad else None,
                 _grad(g.sum(axis=(0,)).reshape(b.shape)) if b.requires_grad else None)
 
 
-def affine(x, w, b):
-    """x @ w + b (x (n, k), w (k, m), b (1, m) or (m,)), what Linear computes, in one op."""
+def _check_affine(x, w, b):
     for t in (x, w, b):
         _check_tensor("affine", t)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"affine: expected x (n, k) and w (k, m), got {x.shape} and {w.shape}")
     if b.shape not in ((1, w.shape[1]), (w.shape[1],)):
         raise ValueError(f"affine: b must be (1, {w.shape[1]}) or ({w.shape[1]},), got {b.shape}")
-    return Affine()(x, w, b)
+
+
+_AFFINE = Affine()
+
+
+def affine(x, w, b):
+    """x @ w + b (x (n, k), w (k, m), b (1, m) or (m,)), what Linear computes, in one op."""
+    if isinstance(x, Tensor) and isinstance(w, Tensor) and isinstance(b, Tensor):
+        xs, ws, bs = x.cached_data.shape, w.cached_data.shape, b.cached_data.shape
+        if len(xs) == 2 and len(ws) == 2 and xs[1] == ws[0] and bs in ((ws[1],), (1, ws[1])):
+            return _AFFINE(x, w, b)
+    _check_affine(x, w, b)
+    return _AFFINE(x, w, b)
 
 
 # ---- reductions and shapes ------------------------------------------------------------------------------
@@ -385,7 +484,7 @@ class Summation(TensorOp):
     def gradient(self, out_grad, node):
         shape = node.inputs[0].shape
         kept = tuple(1 if i in self.axes else d for i, d in enumerate(shape))
-        return _grad(out_grad.realize_cached_data().compact().reshape(kept).broadcast_to(shape))
+        return _grad(out_grad.cached_data.compact().reshape(kept).broadcast_to(shape))
 
 
 def summation(a, axes=None):
@@ -423,7 +522,7 @@ class Reshape(TensorOp):
         return a.compact().reshape(self.shape)
 
     def gradient(self, out_grad, node):
-        return _grad(out_grad.realize_cached_data().compact().reshape(node.inputs[0].shape))
+        return _grad(out_grad.cached_data.compact().reshape(node.inputs[0].shape))
 
 
 def reshape(a, shape):
@@ -445,10 +544,8 @@ class Transpose(TensorOp):
         return a.permute(order)
 
     def gradient(self, out_grad, node):
-        return _grad(self.compute(out_grad.realize_cached_data()))
+        return _grad(self.compute(out_grad.cached_data))
 
-
-_SWAP_LAST = Transpose((-2, -1))   # matmul's and affine's gradients swap an NDArray's last two axes with it
 
 
 def transpose(a, axes=None):
@@ -475,7 +572,7 @@ class Stack(TensorOp):
         return NDArray.from_xp(device.xp.stack([a.x for a in arrays], axis=self.axis), device)
 
     def gradient(self, out_grad, node):
-        return tuple(_grad(g) for g in Split(self.axis).compute(out_grad.realize_cached_data()))
+        return tuple(_grad(g) for g in Split(self.axis).compute(out_grad.cached_data))
 
 
 def stack(tensors, axis):
@@ -508,12 +605,11 @@ class Split(TensorTupleOp):
     def compute(self, a):
         shape = a.shape[:self.axis] + a.shape[self.axis + 1:]
         strides = a.strides[:self.axis] + a.strides[self.axis + 1:]
-        step = a.strides[self.axis]
-        return tuple(NDArray.make(shape, strides, a.device, a._buffer(), a.offset + i * step)
-                     for i in range(a.shape[self.axis]))
+        step, x, lead = a.strides[self.axis], a.x, (slice(None),) * self.axis
+        return tuple(a._part(x[lead + (i,)], shape, strides, a.offset + i * step) for i in range(a.shape[self.axis]))
 
     def gradient(self, out_grad, node):
-        return _grad(Stack(self.axis).compute(*out_grad.realize_cached_data()))
+        return _grad(Stack(self.axis).compute(*out_grad.cached_data))
 
 
 def split(a, axis):
@@ -531,7 +627,7 @@ class Flip(TensorOp):
         return a.flip(self.axes)
 
     def gradient(self, out_grad, node):
-        return _grad(self.compute(out_grad.realize_cached_data()))
+        return _grad(self.compute(out_grad.cached_data))
 
 
 def flip(a, axes):
@@ -558,7 +654,7 @@ class Dilate(TensorOp):
         return out
 
     def gradient(self, out_grad, node):
-        return _grad(UnDilate(self.axes, self.dilation).compute(out_grad.realize_cached_data()))
+        return _grad(UnDilate(self.axes, self.dilation).compute(out_grad.cached_data))
 
 
 class UnDilate(TensorOp):
@@ -572,7 +668,7 @@ class UnDilate(TensorOp):
         return a[_dilated_slices(a.shape, self.axes, self.dilation)]
 
     def gradient(self, out_grad, node):
-        return _grad(Dilate(self.axes, self.dilation).compute(out_grad.realize_cached_data()))
+        return _grad(Dilate(self.axes, self.dilation).compute(out_grad.cached_data))
 
 
 def _check_dilation(name, a, axes, dilation):
@@ -603,11 +699,14 @@ class MakeTensorTuple(TensorTupleOp):
         return tuple(args)
 
     def gradient(self, out_grad, node):
-        return tuple(Tensor.make_const(g) for g in out_grad.cached_data)
+        return tuple(_constant(g) for g in out_grad.cached_data)
+
+
+_MAKE_TUPLE = MakeTensorTuple()
 
 
 def make_tuple(*args):
-    return MakeTensorTuple()(*args)
+    return _MAKE_TUPLE(*args)
 
 
 class TupleGetItem(TensorOp):
@@ -621,7 +720,7 @@ class TupleGetItem(TensorOp):
         return a[self.index]
 
     def gradient(self, out_grad, node):
-        parts = [Tensor.make_const(d.device.full(d.shape, 0.0, d.dtype)) for d in node.inputs[0].cached_data]
+        parts = [_constant(d.device.full(d.shape, 0.0, d.dtype)) for d in node.inputs[0].cached_data]
         parts[self.index] = out_grad
         return make_tuple(*parts)
 

@@ -497,10 +497,12 @@ class NDArray:
 
     # ---- reductions
     def _reduce(self, kind, axis, keepdims):
-        parallel = self.device._reduce
-        out = parallel(self.x, kind, axis, keepdims) if parallel else getattr(self.x, kind)(axis=axis,
-                                                                                            keepdims=keepdims)
-        return NDArray.from_xp(self.device.xp.asarray(out), self.device)
+        a, device = self.x, self.device
+        if device._reduce is not None and a.size >= device.parallel_from:
+            out = device._reduce(a, kind, axis, keepdims)
+        else:
+            out = getattr(a, kind)(axis=axis, keepdims=keepdims)
+        return _wrap(out, device)  # a reduction to a scalar is a numpy scalar: _wrap makes it a 0-d array
 
     def sum(self, axis=None, keepdims=False):
         return self._reduce("sum", axis, keepdims)

@@ -379,14 +379,12 @@ class MatMul(TensorOp):
 def _times_swapped(a, b):
     """a @ b with b's last two axes swapped, for the gradients of matmul and affine: the backend's own
     transposed view (numpy's, CuPy's) goes straight into its matmul, no NDArray view made per call."""
-    xp = a.device.xp
-    return NDArray.from_xp(xp.matmul(a.x, xp.swapaxes(b.x, -1, -2)), a.device)
+    return NDArray.from_xp(a.device.xp.matmul(a.x, b.x.swapaxes(-1, -2)), a.device)
 
 
 def _swapped_times(a, b):
     """a @ b with a's last two axes swapped (as _times_swapped)."""
-    xp = a.device.xp
-    return NDArray.from_xp(xp.matmul(xp.swapaxes(a.x, -1, -2), b.x), a.device)
+    return NDArray.from_xp(a.device.xp.matmul(a.x.swapaxes(-1, -2), b.x), a.device)
 
 
 def _check_matmul(a, b):
@@ -430,21 +428,23 @@ class Affine(TensorOp):
     name = "affine"
 
     def compute(self, x, w, b):
-        out = x @ w
-        y, bias, xp = out.x, b.x.reshape(1, -1), out.device.xp
+        device = x.device
+        y, bias, xp = device.xp.matmul(x.x, w.x), b.x.reshape(1, -1), device.xp
+        if y.size < device.parallel_from:  # small: in place on this thread
+            xp.add(y, bias, out=y)
+        else:
+            def rows(sl):
+                xp.add(y[sl], bias, out=y[sl])
 
-        def rows(sl):
-            xp.add(y[sl], bias, out=y[sl])
-
-        _for_rows(out.device, rows, y.shape[0], y.size)
-        return out
+            _for_rows(device, rows, y.shape[0], y.size)
+        return NDArray.from_xp(y, device)
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
         g = out_grad.cached_data
         return (_grad(_times_swapped(g, w.cached_data)) if x.requires_grad else None,
                 _grad(_swapped_times(x.cached_data, g)) if w.requires_grad else None,
-                _grad(g.sum(axis=(0,)).reshape(b.shape)) if b.requires_grad else None)
+                _grad(g.sum(axis=0).reshape(b.shape)) if b.requires_grad else None)
 
 
 def _check_affine(x, w, b):

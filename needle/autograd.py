@@ -122,6 +122,8 @@ class Value:
                 arrays = (inputs[0].cached_data, inputs[1].cached_data)
             elif n == 1:
                 arrays = (inputs[0].cached_data,)
+            elif n == 3:  # affine
+                arrays = (inputs[0].cached_data, inputs[1].cached_data, inputs[2].cached_data)
             else:
                 arrays = [value.cached_data for value in inputs]
         except AttributeError:
@@ -139,7 +141,7 @@ class Value:
         token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
         try:  # a call with the arguments spelled out is faster than op.compute(*arrays)
             data = op.compute(arrays[0], arrays[1]) if n == 2 else op.compute(arrays[0]) if n == 1 else \
-                op.compute(*arrays)
+                op.compute(arrays[0], arrays[1], arrays[2]) if n == 3 else op.compute(*arrays)
         finally:
             _FP_STATE.reset(token)
         value = _new_value(cls)
@@ -438,8 +440,8 @@ def _tuple_grad(node, slots):
     """The gradient of a TensorTuple, with zeros in the slots nothing reached."""
     parts = []
     for data, grad in zip(node.cached_data, slots):
-        parts.append(Tensor.make_const(data.device.full(data.shape, 0.0, data.dtype)) if grad is None else grad)
-    return ops.make_tuple(*parts)
+        parts.append(data.device.full(data.shape, 0.0, data.dtype) if grad is None else grad.cached_data)
+    return TensorTuple.make_const(tuple(parts))  # what make_tuple computes, without an op's checks
 
 
 from . import ops  # noqa: E402  (Tensor's operators are ops; imported last to break the import cycle)

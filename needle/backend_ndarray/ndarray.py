@@ -207,8 +207,9 @@ class NDArray:
     def _part(self, view, shape, strides, offset):
         """An NDArray over this array's buffer with the given layout, whose backend view `view` the caller
         made (slicing self.x is cheaper than making the view from the layout later)."""
-        out = NDArray.make(shape, strides, self.device, self._buffer(), offset)
-        out._view = view
+        out = _new_array(NDArray)
+        out.shape, out._strides, out._offset, out.device = shape, strides, offset, self.device
+        out._handle, out._view = self._buffer(), view
         return out
 
     @staticmethod

@@ -429,7 +429,7 @@ class Affine(TensorOp):
 
     def compute(self, x, w, b):
         device = x.device
-        y, bias, xp = device.xp.matmul(x.x, w.x), b.x.reshape(1, -1), device.xp
+        y, bias, xp = device.xp.matmul(x.x, w.x), b.x, device.xp  # bias (m,) or (1, m): broadcasts over rows
         if y.size < device.parallel_from:  # small: in place on this thread
             xp.add(y, bias, out=y)
         else:

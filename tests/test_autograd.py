@@ -79,6 +79,19 @@ def test_gradients_sum_over_several_uses():
     assert_close(x.grad.numpy(), 2 * a + 1 + 2 * np.exp(a))
 
 
+def test_a_gradient_handed_to_two_inputs_is_not_changed_by_summing_others_into_one():
+    # backward reaches u + v first (it was made last): add hands one gradient tensor to both u and v. u then
+    # receives three more (from u * u twice and u * 5), summed into a running sum of its own, partly in
+    # place: v's gradient, the tensor u got first, must stay as it was
+    a, b = np.random.randn(3, 4), np.random.randn(3, 4)
+    x, y = ndl.Tensor(a), ndl.Tensor(b)
+    u, v = x * 2.0, y * 3.0
+    m = u * 5.0 + u * u
+    (m + (u + v)).sum().backward()
+    assert_close(x.grad.numpy(), 2.0 * (5.0 + 2.0 * 2.0 * a + 1.0))
+    assert_close(y.grad.numpy(), np.full((3, 4), 3.0))
+
+
 def test_gradients_sum_over_a_broadcast_use():
     x = ndl.Tensor(np.random.randn(1, 4))
     (x + ndl.broadcast_to(x, (3, 4))).sum().backward()

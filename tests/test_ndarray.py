@@ -149,6 +149,22 @@ def test_reshape_is_a_view(device):
     assert x.numpy()[11] == -1.0
 
 
+def test_views_of_a_computed_array_share_its_buffer(device):
+    # an array made by arithmetic wraps the backend's result and makes its flat buffer and strides on first
+    # use: its views must still be views of that memory, with the layout of any other array's
+    x = nd.array(np.arange(12.0), device=device) + 0.0
+    assert x.strides == (1,) and x.offset == 0 and x.is_compact()
+    y = x.reshape((3, 4))
+    z = y.permute((1, 0))
+    w = x[2:8:2]
+    assert y.strides == (4, 1) and z.strides == (1, 4) and (w.shape, w.strides, w.offset) == ((3,), (2,), 2)
+    y[1, 0] = 100.0
+    assert x.numpy()[4] == 100.0 and z.numpy()[0, 1] == 100.0 and w.numpy()[1] == 100.0
+    x.flat[11] = -1.0
+    assert y.numpy()[2, 3] == -1.0 and z.numpy()[3, 2] == -1.0
+    assert z.compact().is_compact() and not z.is_compact()
+
+
 def test_reshape_refuses_a_non_compact_array():
     x = nd.array(np.arange(6.0).reshape(2, 3)).permute((1, 0))
     with pytest.raises(ValueError, match="reshape"):

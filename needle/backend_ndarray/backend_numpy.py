@@ -13,8 +13,8 @@ import numpy
 
 from .parallel_numpy import PARALLEL_FROM, ewise, for_rows, reduce, run_phased, unary
 
-__all__ = ["xp", "PARALLEL_FROM", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce", "for_rows",
-           "add_rows", "run_phased"]
+__all__ = ["xp", "PARALLEL_FROM", "enabled", "empty", "view", "from_numpy", "to_numpy", "ewise", "unary", "reduce",
+           "for_rows", "add_rows", "run_phased"]
 
 xp = numpy
 

@@ -403,7 +403,7 @@ def compute_gradient_of_variables(output, out_grad):
                 continue
             if type(grad) is list:  # a TensorTuple's gradient, slots filled by tuple_get_item
                 grad = _tuple_grad(node, grad)
-            if isinstance(op, tuple_get_item):  # one slot of its input tuple: no zeros made here
+            if type(op) is tuple_get_item:  # one slot of its input tuple: no zeros made here
                 _add_tuple_slot(grads, node.inputs[0], op.index, grad)
                 continue
             input_grads = op.gradient_as_tuple(grad, node)

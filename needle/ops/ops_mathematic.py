@@ -13,7 +13,7 @@ import numbers
 import operator
 
 from ..autograd import Tensor, TensorOp, TensorTuple, TensorTupleOp, _constant
-from ..backend_ndarray.ndarray import NDArray, _norm_axes, _resolve_shape, check_broadcast_to
+from ..backend_ndarray.ndarray import NDArray, _norm_axes, _resolve_shape, _wrap, check_broadcast_to
 
 __all__ = [
     "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "EWisePow", "PowerScalar",
@@ -43,7 +43,10 @@ def _grad(data, shape=None):
 
 def _grad_x(x, like, shape=None):
     """_grad of a backend array `x` computed from the NDArray `like` (on like's device)."""
-    return _grad(NDArray.from_xp(x, like.device), shape)
+    data = _wrap(x, like.device)
+    if shape is not None and data.shape != shape:
+        data = _summed_to(data, shape)
+    return _constant(data)
 
 
 def _sum_to_shape(grad, shape):
@@ -372,19 +375,19 @@ class MatMul(TensorOp):
     def gradient(self, out_grad, node):
         a, b = node.inputs
         g = out_grad.cached_data
-        return (_grad(_times_swapped(g, b.cached_data), a.shape) if a.requires_grad else None,
-                _grad(_swapped_times(a.cached_data, g), b.shape) if b.requires_grad else None)
+        return (_grad_x(_times_swapped(g, b.cached_data), g, a.shape) if a.requires_grad else None,
+                _grad_x(_swapped_times(a.cached_data, g), g, b.shape) if b.requires_grad else None)
 
 
 def _times_swapped(a, b):
-    """a @ b with b's last two axes swapped, for the gradients of matmul and affine: the backend's own
-    transposed view (numpy's, CuPy's) goes straight into its matmul, no NDArray view made per call."""
-    return NDArray.from_xp(a.device.xp.matmul(a.x, b.x.swapaxes(-1, -2)), a.device)
+    """a @ b with b's last two axes swapped (a backend array), for the gradients of matmul and affine: the
+    backend's own transposed view (numpy's, CuPy's) goes straight into its matmul, no NDArray view made."""
+    return a.device.xp.matmul(a.x, b.x.swapaxes(-1, -2))
 
 
 def _swapped_times(a, b):
     """a @ b with a's last two axes swapped (as _times_swapped)."""
-    return NDArray.from_xp(a.device.xp.matmul(a.x.swapaxes(-1, -2), b.x), a.device)
+    return a.device.xp.matmul(a.x.swapaxes(-1, -2), b.x)
 
 
 def _check_matmul(a, b):
@@ -442,9 +445,9 @@ class Affine(TensorOp):
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
         g = out_grad.cached_data
-        return (_grad(_times_swapped(g, w.cached_data)) if x.requires_grad else None,
-                _grad(_swapped_times(x.cached_data, g)) if w.requires_grad else None,
-                _grad(g.sum(axis=0).reshape(b.shape)) if b.requires_grad else None)
+        return (_grad_x(_times_swapped(g, w.cached_data), g) if x.requires_grad else None,
+                _grad_x(_swapped_times(x.cached_data, g), g) if w.requires_grad else None,
+                _grad_x(g.sum(axis=0).x.reshape(b.shape), g) if b.requires_grad else None)
 
 
 def _check_affine(x, w, b):

@@ -83,14 +83,14 @@ class TensorOp(Op):
     """An op whose output is one Tensor."""
 
     def __call__(self, *args):
-        return Tensor.make_from_op(self, args)
+        return _make_from_op(Tensor, self, args)  # Tensor.make_from_op without binding a classmethod per call
 
 
 class TensorTupleOp(Op):
     """An op whose output is a TensorTuple."""
 
     def __call__(self, *args):
-        return TensorTuple.make_from_op(self, args)
+        return _make_from_op(TensorTuple, self, args)
 
 
 class Value:
@@ -114,56 +114,63 @@ class Value:
 
     @classmethod
     def make_from_op(cls, op, inputs):
-        # the per-op path of every op in needle: each check is one cheap test whose failure (rare) takes the
-        # slow branch that names the mistake; one and two inputs (most ops) without a loop
-        n = len(inputs)
-        try:
-            if n == 2:
-                arrays = (inputs[0].cached_data, inputs[1].cached_data)
-            elif n == 1:
-                arrays = (inputs[0].cached_data,)
-            elif n == 3:  # affine
-                arrays = (inputs[0].cached_data, inputs[1].cached_data, inputs[2].cached_data)
-            else:
-                arrays = [value.cached_data for value in inputs]
-        except AttributeError:
-            bad = next(v for v in inputs if not isinstance(v, Value))
-            raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(bad).__name__}") from None
-        if n == 2:
-            a, b = arrays
-            if type(a) is not NDArray or type(b) is not NDArray or a.device is not b.device:
-                _check_same_device(op, inputs)  # raises unless the devices are equal after all
-        elif n > 2:
-            device = _device_of(arrays[0])
-            for data in arrays:
-                if (data.device if type(data) is NDArray else _device_of(data)) is not device:
-                    _check_same_device(op, inputs)
-        token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
-        try:  # a call with the arguments spelled out is faster than op.compute(*arrays)
-            data = op.compute(arrays[0], arrays[1]) if n == 2 else op.compute(arrays[0]) if n == 1 else \
-                op.compute(arrays[0], arrays[1], arrays[2]) if n == 3 else op.compute(*arrays)
-        finally:
-            _FP_STATE.reset(token)
-        value = _new_value(cls)
-        value.cached_data = data
-        if _GRAD_ENABLED:
-            for v in inputs:
-                if v.requires_grad:
-                    value.op, value.inputs, value.requires_grad = op, list(inputs), True
-                    break
-            else:
-                value.op, value.inputs, value.requires_grad = None, [], False
-        else:
-            value.op, value.inputs, value.requires_grad = None, [], False
-        if _anomaly.enabled:
-            _anomaly.check_forward(op, inputs, value)
-        return value
+        return _make_from_op(cls, op, inputs)
 
     @classmethod
     def make_const(cls, data, requires_grad=False):
         value = _new_value(cls)
         value.op, value.inputs, value.cached_data, value.requires_grad = None, [], data, requires_grad
         return value
+
+
+def _make_from_op(cls, op, inputs):
+    """Value.make_from_op: `op` computed on the Values `inputs`, as a new node of class `cls` that records op
+    and inputs when gradients are enabled and some input requires one.
+
+    This is the per-op path of every op in needle: each check is one cheap test whose failure (rare) takes
+    the slow branch that names the mistake; one, two and three inputs (most ops) go without a loop."""
+    n = len(inputs)
+    try:
+        if n == 2:
+            arrays = (inputs[0].cached_data, inputs[1].cached_data)
+        elif n == 1:
+            arrays = (inputs[0].cached_data,)
+        elif n == 3:  # affine
+            arrays = (inputs[0].cached_data, inputs[1].cached_data, inputs[2].cached_data)
+        else:
+            arrays = [value.cached_data for value in inputs]
+    except AttributeError:
+        bad = next(v for v in inputs if not isinstance(v, Value))
+        raise TypeError(f"{op._name()}: inputs must be needle Tensors, got {type(bad).__name__}") from None
+    if n == 2:
+        a, b = arrays
+        if type(a) is not NDArray or type(b) is not NDArray or a.device is not b.device:
+            _check_same_device(op, inputs)  # raises unless the devices are equal after all
+    elif n > 2:
+        device = _device_of(arrays[0])
+        for data in arrays:
+            if (data.device if type(data) is NDArray else _device_of(data)) is not device:
+                _check_same_device(op, inputs)
+    token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
+    try:  # a call with the arguments spelled out is faster than op.compute(*arrays)
+        data = op.compute(arrays[0], arrays[1]) if n == 2 else op.compute(arrays[0]) if n == 1 else \
+            op.compute(arrays[0], arrays[1], arrays[2]) if n == 3 else op.compute(*arrays)
+    finally:
+        _FP_STATE.reset(token)
+    value = _new_value(cls)
+    value.cached_data = data
+    if _GRAD_ENABLED:
+        for v in inputs:
+            if v.requires_grad:
+                value.op, value.inputs, value.requires_grad = op, list(inputs), True
+                break
+        else:
+            value.op, value.inputs, value.requires_grad = None, [], False
+    else:
+        value.op, value.inputs, value.requires_grad = None, [], False
+    if _anomaly.enabled:
+        _anomaly.check_forward(op, inputs, value)
+    return value
 
 
 _new_value = object.__new__

@@ -118,9 +118,7 @@ class Value:
 
     @classmethod
     def make_const(cls, data, requires_grad=False):
-        value = _new_value(cls)
-        value.op, value.inputs, value.cached_data, value.requires_grad = None, [], data, requires_grad
-        return value
+        return _constant(data, requires_grad, cls)
 
 
 def _make_from_op(cls, op, inputs):
@@ -151,6 +149,7 @@ def _make_from_op(cls, op, inputs):
         for data in arrays:
             if (data.device if type(data) is NDArray else _device_of(data)) is not device:
                 _check_same_device(op, inputs)
+                break
     token = _FP_STATE.set(_FP_QUIET)  # NaN and inf propagate silently, without numpy's warnings
     try:  # a call with the arguments spelled out is faster than op.compute(*arrays)
         data = op.compute(arrays[0], arrays[1]) if n == 2 else op.compute(arrays[0]) if n == 1 else \
@@ -159,14 +158,11 @@ def _make_from_op(cls, op, inputs):
         _FP_STATE.reset(token)
     value = _new_value(cls)
     value.cached_data = data
-    if _GRAD_ENABLED:
-        for v in inputs:
-            if v.requires_grad:
-                value.op, value.inputs, value.requires_grad = op, list(inputs), True
-                break
-        else:
-            value.op, value.inputs, value.requires_grad = None, [], False
-    else:
+    for v in inputs if _GRAD_ENABLED else ():
+        if v.requires_grad:
+            value.op, value.inputs, value.requires_grad = op, list(inputs), True
+            break
+    else:  # under no_grad, or no input requires a gradient: a constant
         value.op, value.inputs, value.requires_grad = None, [], False
     if _anomaly.enabled:
         _anomaly.check_forward(op, inputs, value)
@@ -176,11 +172,12 @@ def _make_from_op(cls, op, inputs):
 _new_value = object.__new__
 
 
-def _constant(data, requires_grad=False):
-    """Tensor.make_const of an NDArray, in the fewest steps (every gradient the ops compute is one)."""
-    tensor = _new_value(Tensor)
-    tensor.op, tensor.inputs, tensor.cached_data, tensor.requires_grad = None, [], data, requires_grad
-    return tensor
+def _constant(data, requires_grad=False, cls=None):
+    """A leaf of class `cls` (default Tensor) holding `data` (Value.make_const without the classmethod: every
+    gradient the ops compute is one)."""
+    value = _new_value(Tensor if cls is None else cls)
+    value.op, value.inputs, value.cached_data, value.requires_grad = None, [], data, requires_grad
+    return value
 
 
 def _device_of(data):

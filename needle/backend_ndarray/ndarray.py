@@ -185,13 +185,13 @@ class NDArray:
                 arr = arr.astype(target)
         self._init(arr.shape, _compact_strides(arr.shape), 0, device, device.mod.from_numpy(arr))
 
-    def _init(self, shape, strides, offset, device, handle):
+    def _init(self, shape, strides, offset, device, handle, view=None):
         self.shape = tuple(shape)
         self._strides = tuple(strides)
         self._offset = offset
         self.device = device
         self._handle = handle
-        self._view = None
+        self._view = view
 
     @staticmethod
     def make(shape, strides=None, device=None, handle=None, offset=0, dtype="float32"):
@@ -208,8 +208,7 @@ class NDArray:
         """An NDArray over this array's buffer with the given layout, whose backend view `view` the caller
         made (slicing self.x is cheaper than making the view from the layout later)."""
         out = _new_array(NDArray)
-        out.shape, out._strides, out._offset, out.device = shape, strides, offset, self.device
-        out._handle, out._view = self._buffer(), view
+        out._init(shape, strides, offset, self.device, self._buffer(), view)
         return out
 
     @staticmethod

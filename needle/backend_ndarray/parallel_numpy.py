@@ -99,13 +99,13 @@ def _rows_of(a, block, ndim, rows):
 def ewise(ufunc, a, b):
     """ufunc(a, b) with numpy's broadcasting, over row blocks of the result in parallel when it is big."""
     # the result has at most size(a) * size(b) elements: small operands (most calls) leave at once
-    if getattr(a, "size", 1) * getattr(b, "size", 1) < 2 * _MIN_ELEMENTS or not isinstance(ufunc, np.ufunc):
+    if getattr(a, "size", 1) * getattr(b, "size", 1) < PARALLEL_FROM or not isinstance(ufunc, np.ufunc):
         return ufunc(a, b)
     shape = np.broadcast_shapes(np.shape(a), np.shape(b))
     size = 1
     for d in shape:
         size *= d
-    if len(shape) == 0 or size < 2 * _MIN_ELEMENTS or num_threads() == 1:
+    if len(shape) == 0 or size < PARALLEL_FROM or num_threads() == 1:
         return ufunc(a, b)
     dtype = np.result_type(a, b)
     if dtype.kind not in "fc":
@@ -123,7 +123,7 @@ def ewise(ufunc, a, b):
 
 def unary(ufunc, a):
     """ufunc(a) (exp, log, tanh, negative) over row blocks in parallel when a is big."""
-    if a.ndim == 0 or a.size < 2 * _MIN_ELEMENTS or num_threads() == 1 or a.dtype.kind not in "fc":
+    if a.ndim == 0 or a.size < PARALLEL_FROM or num_threads() == 1 or a.dtype.kind not in "fc":
         return ufunc(a)
     out = np.empty(a.shape, a.dtype)
     for_rows(lambda sl: ufunc(a[sl], out=out[sl]), a.shape[0], a.size)
@@ -137,7 +137,7 @@ def reduce(a, kind, axis, keepdims):
     """a.sum / a.max over `axis` (None, int or tuple), over row blocks in parallel when a is big: blocks
     reduced on their own, then combined (over axis 0) or concatenated (when axis 0 is kept)."""
     plain = getattr(a, kind)
-    if a.ndim == 0 or a.size < 2 * _MIN_ELEMENTS or num_threads() == 1 or a.dtype.kind not in "fc":
+    if a.ndim == 0 or a.size < PARALLEL_FROM or num_threads() == 1 or a.dtype.kind not in "fc":
         return plain(axis=axis, keepdims=keepdims)
     axes = tuple(range(a.ndim)) if axis is None else (axis,) if isinstance(axis, int) else tuple(axis)
     axes = tuple(x % a.ndim for x in axes)

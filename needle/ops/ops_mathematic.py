@@ -36,17 +36,12 @@ def _summed_to(grad, shape):
 
 def _grad(data, shape=None):
     """An op's gradient computed on NDArrays, summed to `shape` when given, as a constant Tensor."""
-    if shape is not None and data.shape != shape:
-        data = _summed_to(data, shape)
-    return _constant(data)
+    return _constant(data if shape is None else _summed_to(data, shape))
 
 
 def _grad_x(x, like, shape=None):
     """_grad of a backend array `x` computed from the NDArray `like` (on like's device)."""
-    data = _wrap(x, like.device)
-    if shape is not None and data.shape != shape:
-        data = _summed_to(data, shape)
-    return _constant(data)
+    return _grad(_wrap(x, like.device), shape)
 
 
 def _sum_to_shape(grad, shape):
@@ -418,7 +413,10 @@ def matmul(a, b):
 
 
 def _for_rows(device, fn, rows, elements):
-    """fn(block) over row blocks, on several threads where the backend offers it (parallel_numpy.py)."""
+    """fn(block) over row blocks, on several threads where the backend offers it (parallel_numpy.py) and the
+    work is big enough to split."""
+    if elements < device.parallel_from:
+        return [fn(slice(0, rows))]
     parallel = device.kernel("for_rows")
     return parallel(fn, rows, elements) if parallel else [fn(slice(0, rows))]
 
@@ -433,13 +431,11 @@ class Affine(TensorOp):
     def compute(self, x, w, b):
         device = x.device
         y, bias, xp = device.xp.matmul(x.x, w.x), b.x, device.xp  # bias (m,) or (1, m): broadcasts over rows
-        if y.size < device.parallel_from:  # small: in place on this thread
-            xp.add(y, bias, out=y)
-        else:
-            def rows(sl):
-                xp.add(y[sl], bias, out=y[sl])
 
-            _for_rows(device, rows, y.shape[0], y.size)
+        def rows(sl):
+            xp.add(y[sl], bias, out=y[sl])
+
+        _for_rows(device, rows, y.shape[0], y.size)
         return NDArray.from_xp(y, device)
 
     def gradient(self, out_grad, node):
